@@ -1,0 +1,93 @@
+"""Parameter space (ps): per merge group and parent, a weight and (for methods that have one) a density.
+
+Groups are the model's embeddings, its decoder layers (one group per `layer_granularity` layers) and its head
+(final norm and LM head).  Groups a preset does not search take the preset's fixed values, so a 2-parent, 32-layer,
+weight-only preset over layers alone is the 64-dimensional space of the literature.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..merge.methods import get_method
+from ..recipe import Recipe
+from .base import SearchSpace
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+
+    def at(self, x: float) -> float:
+        return self.low + min(max(x, 0.0), 1.0) * (self.high - self.low)
+
+
+class ParameterSpace(SearchSpace):
+    kind = "ps"
+
+    def __init__(self, *, method: str, parents: list[str], base: str | None, num_layers: int,
+                 ranges: dict[str, Range], fixed: dict[str, float], searched_groups: Sequence[str] = ("embed", "layers", "head"),
+                 layer_granularity: int = 1, options: dict | None = None, dtype: str = "float32"):
+        self.method = get_method(method)
+        self.parents = list(parents)
+        self.base = base
+        self.num_layers = num_layers
+        self.ranges = {p: r for p, r in ranges.items() if p in self.method.tensor_params}
+        self.fixed = fixed
+        self.searched = set(searched_groups)
+        self.granularity = layer_granularity
+        self.options = dict(options or {})
+        self.dtype = dtype
+        self._blocks = self._make_blocks()
+        self._names = [
+            f"{block}/{param}/{Path(parent).name}"
+            for block in self._blocks
+            if self._is_searched(block)
+            for param in self.ranges
+            for parent in self.parents
+        ]
+
+    def _make_blocks(self) -> dict[str, list[str]]:
+        """Searchable blocks (one genome slice each) and the merge groups each one sets."""
+        blocks = {"embed": ["embed"]}
+        for start in range(0, self.num_layers, self.granularity):
+            stop = min(start + self.granularity, self.num_layers)
+            name = f"layers.{start}" if stop - start == 1 else f"layers.{start}-{stop - 1}"
+            blocks[name] = [f"layers.{i}" for i in range(start, stop)]
+        blocks["head"] = ["head"]
+        return blocks
+
+    def _is_searched(self, block: str) -> bool:
+        return block.split(".")[0] in self.searched
+
+    @property
+    def names(self) -> list[str]:
+        return self._names
+
+    def decode(self, genome: Sequence[float], seed: int = 0) -> Recipe:
+        if len(genome) != self.dimension:
+            raise ValueError(f"genome has {len(genome)} coordinates; this space has {self.dimension}")
+        n = len(self.parents)
+        it = iter(genome)
+        groups: dict[str, dict[str, list[float]]] = {}
+        for block, members in self._blocks.items():
+            if self._is_searched(block):
+                values = {p: [r.at(next(it)) for _ in range(n)] for p, r in self.ranges.items()}
+            else:
+                values = {p: [self.fixed[p]] * n for p in self.method.tensor_params}
+            for m in members:
+                groups[m] = {p: list(v) for p, v in values.items()}
+        return Recipe(method=self.method.name, parents=self.parents, base=self.base, groups=groups,
+                      options=self.options, dtype=self.dtype, seed=seed)
+
+    def uniform(self, weight: float, density: float | None = None, seed: int = 0) -> Recipe:
+        """The same method with one weight (and density) for every group and parent: the baseline search must beat."""
+        values = {"weight": weight}
+        if "density" in self.method.tensor_params:
+            values["density"] = 1.0 if density is None else density
+        n = len(self.parents)
+        groups = {m: {p: [v] * n for p, v in values.items()} for ms in self._blocks.values() for m in ms}
+        return Recipe(method=self.method.name, parents=self.parents, base=self.base, groups=groups,
+                      options=self.options, dtype=self.dtype, seed=seed)

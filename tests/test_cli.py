@@ -1,0 +1,127 @@
+"""The evomerge command as a user runs it: real subprocesses, real SQLite, real lm-eval."""
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import write_study
+
+
+def run(cmd, *args, timeout=600):
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def db_of(study_file):
+    return study_file.parent / "tiny-ps.db"
+
+
+def finished_trials(db):
+    with sqlite3.connect(db) as c:
+        return c.execute("select count(*) from trials where state in ('COMPLETE','FAIL')").fetchone()[0]
+
+
+def test_run_status_export_merge_reproduce_the_winner(tmp_path, evomerge_cmd):
+    study = write_study(tmp_path)
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 0, r.stderr
+    assert "dimension 24" in r.stdout and "evolved best" in r.stdout
+    s = json.loads(run(evomerge_cmd, "status", study, "--json").stdout)
+    assert s["complete"] == 6 and s["running"] == 0
+    rows = {row["model"]: row for row in s["final_table"]}
+    assert {"base", "parent up", "parent rot", "best uniform ties", "evolved best"} <= set(rows)
+
+    assert run(evomerge_cmd, "export", study, "-o", tmp_path / "best.yaml").returncode == 0
+    recipe = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert recipe["method"] == "ties" and len(recipe["groups"]) == 6
+    r = run(evomerge_cmd, "merge", tmp_path / "best.yaml", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+
+    from evomerge.config import load_study
+    from evomerge.fitness import Fitness
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    score = Fitness(load_study(study).fitness, model, tok, "cpu").score("test")
+    assert score.value == rows["evolved best"]["test"]
+
+
+def test_sigkill_mid_study_then_rerun_loses_and_duplicates_nothing(tmp_path, evomerge_cmd):
+    study = write_study(tmp_path, budget=14)
+    proc = subprocess.Popen([*evomerge_cmd, "run", str(study)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if db_of(study).exists() and finished_trials(db_of(study)) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = finished_trials(db_of(study))
+    assert 5 <= killed_at < 14
+
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(db_of(study)) as c:
+        states = [s for (s,) in c.execute("select state from trials")]
+        keys = c.execute(
+            "select a.value_json, b.value_json from trial_user_attributes a join trial_user_attributes b "
+            "on a.trial_id = b.trial_id where a.key = 'evomerge.generation' and b.key = 'evomerge.index'"
+        ).fetchall()
+    assert states.count("COMPLETE") + states.count("FAIL") == 14
+    assert len(states) == 14, "a stale RUNNING trial was duplicated instead of taken over"
+    assert len(set(keys)) == 14
+
+
+def test_unknown_field_exits_2_naming_file_and_field_and_writes_no_db(tmp_path, evomerge_cmd):
+    study = write_study(tmp_path)
+    data = yaml.safe_load(study.read_text())
+    data["fitness"]["tasks"][0]["metrik"] = "acc"
+    study.write_text(yaml.safe_dump(data))
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 2
+    assert str(study) in r.stderr and "fitness.tasks.0.metrik" in r.stderr
+    assert not db_of(study).exists()
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("budget", 0, "budget"),
+    ("merge", {"method": "frankenstein"}, "merge.method"),
+    ("search_space", {"preset": "ps-layerwise", "density": {"low": 0.0, "high": 1.0}}, "search_space"),
+])
+def test_bad_values_exit_2_and_say_what_is_allowed(tmp_path, evomerge_cmd, field, value, expect):
+    study = write_study(tmp_path, **{field: value})
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 2 and expect in r.stderr
+    assert not db_of(study).exists()
+
+
+def test_an_unknown_lm_eval_task_is_refused_before_the_db_is_touched(tmp_path, evomerge_cmd):
+    study = write_study(tmp_path)
+    data = yaml.safe_load(study.read_text())
+    data["fitness"]["tasks"][0]["task"] = "tiny_nonexistent"
+    study.write_text(yaml.safe_dump(data))
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 2 and "tiny_nonexistent" in r.stderr
+    assert not db_of(study).exists()
+
+
+def test_parents_with_mismatched_shapes_are_refused_before_evaluation(tmp_path, evomerge_cmd, tiny):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from evomerge.io import load_state_dict
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny / "rot", bad)
+    sd = load_state_dict(bad)
+    sd["model.norm.weight"] = sd["model.norm.weight"][:-2]
+    save_file(sd, bad / "model.safetensors")
+    study = write_study(tmp_path, models={"base": str(tiny / "base"), "parents": [str(tiny / "up"), str(bad)]})
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 2 and "model.norm.weight" in r.stderr
+    assert not db_of(study).exists()
