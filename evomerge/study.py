@@ -87,18 +87,11 @@ class Study:
     def _open_or_create(self) -> optuna.Study:
         st = optuna.create_study(study_name=self.cfg.study, storage=self.storage_url, direction="maximize",
                                  load_if_exists=True)
-        sig = _signature(self.cfg, self.space)
-        stored = st.user_attrs.get(ATTR + "signature")
-        if stored is None:
-            st.set_user_attr(ATTR + "signature", sig)
+        if ATTR + "signature" not in st.user_attrs:
+            st.set_user_attr(ATTR + "signature", _signature(self.cfg, self.space))
             st.set_user_attr(ATTR + "dimension", self.space.dimension)
-        elif stored != sig:
-            changed = next(k for k in sig if stored.get(k) != sig[k])
-            raise StudyMismatch(
-                f"study {self.cfg.study!r} already exists in this storage with a different {changed}; "
-                "use a new study name (or another storage) for a changed setup"
-            )
         self._optuna = st
+        self.check_compatible()
         return st
 
     def check_compatible(self) -> None:

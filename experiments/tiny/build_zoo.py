@@ -1,4 +1,4 @@
-"""Rebuild the tiny demo zoo and its fitness data, deterministically, on CPU in about two minutes.
+"""Rebuild the tiny demo zoo and its fitness data, deterministically, on CPU in about a minute.
 
 Why this shape: merging only pays off, and a *search* over merge recipes only pays off, when the parents carry
 skills in different places and their updates interfere.  So each fine-tune here learns its own skill in one half of
@@ -184,6 +184,7 @@ def main() -> None:
         tune.load_state_dict(base.state_dict())
         train(tune, tok, routes, steps=TUNE_STEPS, lr=TUNE_LR, rng=rng, held_out=held_out)
         save(tune, tok, name)
+
 
 if __name__ == "__main__":
     main()
