@@ -41,27 +41,18 @@ class Fitness:
         from lm_eval.tasks import TaskManager
 
         self.config = config
-        self.manager = TaskManager(include_path=config.include_path or None, include_defaults=self._needs_defaults())
+        local = TaskManager(include_path=config.include_path, include_defaults=False).all_tasks if config.include_path else []
+        # indexing lm-eval's built-in tasks costs ~15 s: only do it when some task is not local
+        needs_defaults = any(t.task not in local for t in config.tasks)
+        self.manager = TaskManager(include_path=config.include_path or None, include_defaults=needs_defaults)
         unknown = [t.task for t in config.tasks if t.task not in self.manager.all_tasks]
         if unknown:
             raise FitnessError(
                 f"fitness.tasks: lm-eval does not know task {unknown[0]!r}; "
-                f"tasks under fitness.include_path: {', '.join(sorted(self._local_tasks())) or 'none'}"
+                f"tasks under fitness.include_path: {', '.join(sorted(local)) or 'none'}"
             )
         self._tasks: dict[str, dict] = {}
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=device)
-
-    def _local_tasks(self) -> list[str]:
-        from lm_eval.tasks import TaskManager
-
-        if not self.config.include_path:
-            return []
-        return list(TaskManager(include_path=self.config.include_path, include_defaults=False).all_tasks)
-
-    def _needs_defaults(self) -> bool:
-        """Indexing lm-eval's built-in tasks costs ~15 s; skip it when every task is local."""
-        local = set(self._local_tasks())
-        return any(t.task not in local for t in self.config.tasks)
 
     def tasks(self, split: str) -> dict:
         """The task dict for one split ('search' or 'test'), built on first use and reused for every candidate."""
