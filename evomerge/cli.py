@@ -28,12 +28,13 @@ err = Console(stderr=True)
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
+    from .dataflow import PathError
     from .fitness import FitnessError
     from .io import ModelFilesError
     from .merge import RecipeMismatch
     from .study import StudyMismatch
 
-    return ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch
+    return ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError
 
 
 def _fail(e: Exception) -> None:
@@ -90,7 +91,8 @@ def run(
     try:
         study = Study(cfg, storage)
         out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
-        out.print(f"search space {study.space.kind} ({cfg.merge.method}): dimension {study.space.dimension}")
+        method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
+        out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
         study.executor.worker  # loads parents and tasks: every input error surfaces before the DB is touched
         study.check_compatible()
     except _user_errors() as e:
@@ -181,12 +183,14 @@ def merge(
 ) -> None:
     """Materialize a recipe into a Hugging Face model directory (safetensors, config, tokenizer)."""
     from .config import load_recipe
+    from .dataflow import write_path_model
     from .io import pick_device
     from .merge import write_model
 
     try:
         recipe = load_recipe(recipe_file)
-        write_model(recipe, out_dir, pick_device(device))
+        write = write_path_model if recipe.path is not None else write_model
+        write(recipe, out_dir, pick_device(device))
     except _user_errors() as e:
         _fail(e)
     except OSError as e:

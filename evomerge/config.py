@@ -32,6 +32,8 @@ class _Strict(BaseModel):
 class ModelsConfig(_Strict):
     base: str | None = Field(None, description="common ancestor; needed by task-vector methods")
     parents: list[str] = Field(..., min_length=1)
+    a_from_study: str | None = Field(
+        None, description="ps+dfs: model A is the merge of the best recipe of this study (same storage)")
 
 
 class MergeConfig(_Strict):
@@ -67,14 +69,22 @@ class RangeConfig(_Strict):
 
 
 class SearchSpaceConfig(_Strict):
-    """A `ps` preset (file under search_spaces/) plus any overrides in the study."""
+    """A preset (file under search_spaces/) plus any overrides in the study.
 
-    kind: Literal["ps"] = "ps"
+    `ps` uses the merge fields (layer_granularity ... fixed); `dfs` and `ps+dfs` use the data-flow fields (layout,
+    repeats, scale), see evomerge/spaces/dataflow.py.
+    """
+
+    kind: Literal["ps", "dfs", "ps+dfs"] = "ps"
     layer_granularity: int = Field(1, ge=1)
     groups: list[Literal["embed", "layers", "head"]] = Field(default_factory=lambda: ["embed", "layers", "head"])
     weight: RangeConfig = RangeConfig(low=0.0, high=1.0)
     density: RangeConfig = RangeConfig(low=0.1, high=1.0)
     fixed: dict[Literal["weight", "density"], float] = Field(default_factory=lambda: {"weight": 0.5, "density": 1.0})
+
+    layout: Literal["published", "positions"] = "published"
+    repeats: int = Field(3, ge=1, description="published layout: how many times the source layers are laid out")
+    scale: RangeConfig = RangeConfig(low=0.4, high=1.5)
 
     @model_validator(mode="after")
     def _density_in_range(self) -> SearchSpaceConfig:
@@ -82,9 +92,15 @@ class SearchSpaceConfig(_Strict):
             raise ValueError("density range must lie within (0, 1]")
         return self
 
+    @model_validator(mode="after")
+    def _scale_positive(self) -> SearchSpaceConfig:
+        if self.scale.low <= 0:
+            raise ValueError("scale.low must be > 0 (a scale <= 0 erases or flips the hidden state)")
+        return self
+
 
 class OptimizerConfig(_Strict):
-    name: Literal["cmaes"] = "cmaes"
+    name: Literal["cmaes", "catcma"] = "cmaes"
     sigma0: float = Field(1 / 6, gt=0)
     popsize: int | None = Field(None, ge=2)
 
@@ -132,8 +148,18 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _base_when_needed(self) -> StudyConfig:
-        if METHODS[self.merge.method].uses_base and not self.models.base:
+        if self.search_space.kind == "ps" and METHODS[self.merge.method].uses_base and not self.models.base:
             raise ValueError(f"merge method {self.merge.method} works on task vectors: set models.base")
+        return self
+
+    @model_validator(mode="after")
+    def _model_a_source(self) -> StudyConfig:
+        if self.search_space.kind == "ps+dfs" and not self.models.a_from_study:
+            raise ValueError("search space ps+dfs takes model A from a ps study: set models.a_from_study")
+        if self.models.a_from_study and self.search_space.kind != "ps+dfs":
+            raise ValueError("models.a_from_study is only used by search_space kind ps+dfs")
+        if self.models.a_from_study == self.study:
+            raise ValueError("models.a_from_study must name another study")
         return self
 
     @property
@@ -218,6 +244,25 @@ def load_study(path: str | Path) -> StudyConfig:
     return cfg
 
 
+class PathFile(_Strict):
+    """A data-flow recipe's layer path; `a` (PS+DFS) is a parameter-space recipe whose merge is model 0."""
+
+    layers: list[tuple[int, int]] = Field(..., description="[model, layer] per path position")
+    scales: list[float] | None = None
+    a: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> PathFile:
+        if not self.layers:
+            raise ValueError("the layer path is empty: at least one [model, layer] is needed")
+        if self.scales is not None:
+            if len(self.scales) != len(self.layers):
+                raise ValueError(f"{len(self.scales)} scales for {len(self.layers)} layers")
+            if any(s <= 0 for s in self.scales):
+                raise ValueError("scales must be > 0")
+        return self
+
+
 class RecipeFile(_Strict):
     format: Literal["evomerge-recipe/1"] = "evomerge-recipe/1"
     method: str
@@ -227,9 +272,14 @@ class RecipeFile(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
+    path: PathFile | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RecipeFile:
+        if self.path is not None or self.method == "passthrough":
+            if self.path is None or self.method != "passthrough":
+                raise ValueError("a layer path goes with method passthrough (and passthrough needs a path)")
+            return self
         if self.method not in METHODS:
             raise ValueError(f"unknown merge method {self.method!r}; allowed: {', '.join(METHODS)}")
         m = METHODS[self.method]
@@ -252,16 +302,44 @@ class RecipeFile(_Strict):
 def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe YAML; local model paths are resolved relative to the file."""
     path = Path(path)
-    data = _read_yaml(path)
+    return _recipe_from(path, _read_yaml(path), "")
+
+
+def _recipe_from(path: Path, data: dict, prefix: str) -> Recipe:
     try:
         rf = RecipeFile.model_validate(data)
     except ValidationError as err:
-        _raise_first(path, err)
+        _raise_first(path, err, prefix)
     d = path.parent
     base = _resolve(d, rf.base) if rf.base else None
     parents = [_resolve(d, p) for p in rf.parents]
     for field, p in [("base", base)] + [(f"parents.{i}", p) for i, p in enumerate(parents)]:
         if p is not None and not Path(p).is_dir():
-            raise ConfigError(path, field, f"model directory {p} does not exist")
+            raise ConfigError(path, prefix + field, f"model directory {p} does not exist")
+    layer_path = None
+    if rf.path is not None:
+        layer_path = rf.path.model_dump(exclude_none=True)
+        layer_path["layers"] = [list(x) for x in rf.path.layers]
+        if rf.path.a is not None:
+            a = _recipe_from(path, rf.path.a, prefix + "path.a.")
+            if a.path is not None:
+                raise ConfigError(path, prefix + "path.a", "model A must be a parameter-space recipe (no path)")
+            layer_path["a"] = a.to_dict()
+        _check_path_indices(path, prefix, layer_path, parents)
     return Recipe(method=rf.method, parents=parents, base=base, groups={g: dict(v) for g, v in rf.groups.items()},
-                  options=rf.options, dtype=rf.dtype, seed=rf.seed)
+                  options=rf.options, dtype=rf.dtype, seed=rf.seed, path=layer_path)
+
+
+def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list[str]) -> None:
+    """Every [model, layer] must exist; checked from the model headers, before any weight is read."""
+    from .io import inspect_model
+
+    a = layer_path.get("a")
+    sources = ([a["base"] or a["parents"][0]] if a else []) + parents
+    counts = [inspect_model(s).num_layers for s in sources]
+    for k, (m, l) in enumerate(layer_path["layers"]):
+        if not 0 <= m < len(sources):
+            raise ConfigError(path, f"{prefix}path.layers.{k}", f"model {m} does not exist; models are 0..{len(sources) - 1}"
+                              + (" (0 is the merge of path.a, then parents)" if a else " (indices into parents)"))
+        if not 0 <= l < counts[m]:
+            raise ConfigError(path, f"{prefix}path.layers.{k}", f"model {m} has layers 0..{counts[m] - 1}, not {l}")

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .config import StudyConfig
+from .dataflow import Dataflow
 from .fitness import Fitness, Score
 from .io import pick_device
 from .merge import Materializer
@@ -28,15 +29,25 @@ class Worker:
 
     def __init__(self, cfg: StudyConfig):
         self.device = pick_device(cfg.device)
-        self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype)
+        self.materializer: Materializer | None = None
+        self.dataflow: Dataflow | None = None
+        if cfg.search_space.kind == "ps":
+            self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype)
+            model = self.materializer.model
+        else:  # data-flow recipes run as paths over resident sources; the shell is what lm-eval wraps
+            self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.merge.dtype)
+            model = self.dataflow.model
         tokenizer = AutoTokenizer.from_pretrained(cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
-        self.fitness = Fitness(cfg.fitness, self.materializer.model, tokenizer, str(self.device))
+        self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device))
 
     def evaluate(self, recipe: Recipe, split: str = "search") -> TrialResult:
         """Never raises for a bad candidate: the error comes back in the result so only its trial fails."""
         t0 = time.perf_counter()
         try:
-            self.materializer.materialize(recipe)
+            if recipe.path is not None:
+                self.dataflow.apply(recipe)
+            else:
+                self.materializer.materialize(recipe)
             t1 = time.perf_counter()
             score = self.fitness.score(split)
             t2 = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import base64
 import pickle
+from collections.abc import Callable
 
 import cma
 import numpy as np
@@ -56,3 +57,77 @@ class CMAES(Optimizer):
 
     def tell(self, genomes: list[list[float]], losses: list[float]) -> None:
         self.es.tell([np.asarray(g) for g in genomes], losses)
+
+
+class CatCMA(Optimizer):
+    """CatCMA (`cmaes`) for mixed spaces: a Gaussian over the continuous coordinates and a categorical distribution
+    per choice, learned jointly.  Genomes keep the unit-cube form: category i of n is proposed as (i + 0.5) / n, which
+    the space decodes back to i."""
+
+    def __init__(self, categories: list[int], seed: int, sigma0: float = 1 / 6, popsize: int | None = None,
+                 x0: list[float] | None = None):
+        from cmaes import CatCMA as _CatCMA
+
+        self.seed = seed
+        self.categories = list(categories)
+        self.cont = [i for i, n in enumerate(categories) if n == 0]
+        self.cat = [i for i, n in enumerate(categories) if n > 0]
+        if len(self.cont) < 2 or not self.cat:
+            raise ValueError("CatCMA needs at least two continuous and one categorical coordinate; "
+                             "use cmaes for this search space")
+        mean = np.array([(x0 or [0.5] * len(categories))[i] for i in self.cont])
+        bounds = np.array([[0.0, 1.0]] * len(self.cont))
+        self.es = _CatCMA(mean=mean, sigma=sigma0, cat_num=np.array([categories[i] for i in self.cat]),
+                          bounds=bounds, seed=seed + 1, population_size=popsize)
+
+    @property
+    def popsize(self) -> int:
+        return int(self.es.population_size)
+
+    def ask(self, generation: int) -> list[list[float]]:
+        self.es.reseed_rng((self.seed * 1_000_003 + generation) % 2**32)
+        genomes = []
+        for _ in range(self.popsize):
+            x, c = self.es.ask()
+            g = [0.0] * len(self.categories)
+            for i, v in zip(self.cont, x):
+                g[i] = float(v)
+            for i, onehot in zip(self.cat, c):
+                g[i] = (float(np.argmax(onehot)) + 0.5) / self.categories[i]
+            genomes.append(g)
+        return genomes
+
+    def tell(self, genomes: list[list[float]], losses: list[float]) -> None:
+        max_n = max(self.categories[i] for i in self.cat)
+        solutions = []
+        for g, loss in zip(genomes, losses):
+            x = np.array([g[i] for i in self.cont])
+            c = np.zeros((len(self.cat), max_n), dtype=bool)
+            for row, i in enumerate(self.cat):
+                c[row, min(int(g[i] * self.categories[i]), self.categories[i] - 1)] = True
+            solutions.append(((x, c), loss))
+        self.es.tell(solutions)
+
+
+def _cmaes(*, dimension: int, categories: list[int], seed: int, sigma0: float, popsize: int | None,
+           x0: list[float] | None) -> Optimizer:
+    return CMAES(dimension, seed=seed, sigma0=sigma0, popsize=popsize, x0=x0)
+
+
+def _catcma(*, dimension: int, categories: list[int], seed: int, sigma0: float, popsize: int | None,
+            x0: list[float] | None) -> Optimizer:
+    return CatCMA(categories, seed=seed, sigma0=sigma0, popsize=popsize, x0=x0)
+
+
+# optimizer.name in study.yaml -> factory.  `cmaes` on a data-flow space is the published encoding (a continuous
+# include indicator per slot, included when >= 0.5 in the unit cube); `catcma` treats those choices as categorical.
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {"cmaes": _cmaes, "catcma": _catcma}
+
+
+def create_optimizer(name: str, *, dimension: int, categories: list[int] | None = None, seed: int = 0,
+                     sigma0: float = 1 / 6, popsize: int | None = None, x0: list[float] | None = None) -> Optimizer:
+    """A fresh optimizer by its study.yaml name (a resumed study unpickles its stored one instead)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](dimension=dimension, categories=categories or [0] * dimension, seed=seed, sigma0=sigma0,
+                            popsize=popsize, x0=x0)

@@ -22,6 +22,10 @@ class Recipe:
     ``groups`` maps a merge group (``embed``, ``layers.<i>``, ``head``) to its per-parent tensor parameters, e.g.
     ``{"layers.0": {"weight": [0.7, 0.2], "density": [0.9, 0.5]}}``, lists aligned with ``parents``.
     ``options`` holds the method's global options (``normalize``, ``rescale``).  ``seed`` fixes DARE's random drops.
+
+    ``path`` (data-flow recipes, method ``passthrough``) is a layer path: ``layers`` lists ``[model, layer]`` per
+    position and ``scales`` the factor on the hidden state entering it.  Model indices refer to ``parents``, preceded,
+    when ``path.a`` holds a parameter-space recipe (PS+DFS), by that recipe's merge as model 0.
     """
 
     method: str
@@ -31,6 +35,7 @@ class Recipe:
     options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
     seed: int = 0
+    path: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self)}
@@ -47,7 +52,11 @@ class Recipe:
                 return p
             return os.path.relpath(p, directory)
 
-        return Recipe(**{**asdict(self), "base": rel(self.base), "parents": [rel(p) for p in self.parents]})
+        path = self.path
+        if path and path.get("a"):
+            path = {**path, "a": Recipe.from_dict(path["a"]).with_paths_relative_to(directory).to_dict()}
+        return Recipe(**{**asdict(self), "base": rel(self.base), "parents": [rel(p) for p in self.parents],
+                         "path": path})
 
     def save(self, path: str | Path) -> Path:
         """Write the recipe as YAML, model paths relative to the file so the pair can be moved together."""

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from .config import StudyConfig
+from .config import ConfigError, StudyConfig
 from .executors import LocalExecutor, TrialResult
 from .io import inspect_model
-from .optimizers import CMAES, Optimizer
+from .optimizers import Optimizer, create_optimizer
 from .recipe import Recipe
-from .spaces import ParameterSpace, Range
+from .spaces import DataflowSpace, ParameterSpace, Range, SearchSpace
 
 ATTR = "evomerge."
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -30,8 +30,10 @@ class StudyMismatch(ValueError):
     """The study name already exists in the storage with another search space or models."""
 
 
-def build_space(cfg: StudyConfig) -> ParameterSpace:
-    """The study's search space; reads only model headers."""
+def build_space(cfg: StudyConfig, storage: str | None = None) -> SearchSpace:
+    """The study's search space; reads only model headers (and, for ps+dfs, model A's study in `storage`)."""
+    if cfg.search_space.kind != "ps":
+        return _dataflow_space(cfg, storage or cfg.storage_url())
     num_layers = inspect_model(cfg.models.base or cfg.models.parents[0]).num_layers
     ss = cfg.search_space
     return ParameterSpace(
@@ -42,6 +44,48 @@ def build_space(cfg: StudyConfig) -> ParameterSpace:
     )
 
 
+def _dataflow_space(cfg: StudyConfig, storage: str) -> DataflowSpace:
+    from .dataflow import PathError, check_path_compatible
+
+    ss = cfg.search_space
+    a = _best_recipe_of(cfg, storage) if ss.kind == "ps+dfs" else None
+    sources = ([a["base"] or a["parents"][0]] if a else []) + cfg.models.parents
+    infos = [inspect_model(p) for p in sources]
+    try:
+        check_path_compatible([i.config for i in infos], sources)
+    except PathError as e:
+        raise ConfigError(cfg.path, "models.parents", str(e)) from None
+    try:
+        return DataflowSpace(parents=cfg.models.parents, num_layers=[i.num_layers for i in infos],
+                             scale=Range(ss.scale.low, ss.scale.high), repeats=ss.repeats, layout=ss.layout, a=a,
+                             dtype=cfg.merge.dtype)
+    except ValueError as e:
+        raise ConfigError(cfg.path, "search_space.layout", str(e)) from None
+
+
+def _best_recipe_of(cfg: StudyConfig, storage: str) -> dict:
+    """Model A of a ps+dfs study: the best recipe of the named parameter-space study in the same storage."""
+    from sqlalchemy.engine import make_url
+
+    name = cfg.models.a_from_study
+    url = make_url(storage)
+    try:
+        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+            raise KeyError(name)  # never create a SQLite file just to look
+        other = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise ConfigError(cfg.path, "models.a_from_study",
+                          f"study {name!r} is not in this study's storage; run its study file first "
+                          "(with the same storage)") from None
+    complete = other.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ConfigError(cfg.path, "models.a_from_study", f"study {name!r} has no completed trial yet")
+    recipe = max(complete, key=lambda t: (t.value, -t.number)).user_attrs[ATTR + "recipe"]
+    if recipe.get("path"):
+        raise ConfigError(cfg.path, "models.a_from_study", f"study {name!r} is not a parameter-space (ps) study")
+    return recipe
+
+
 @dataclass
 class Progress:
     done: int
@@ -49,9 +93,12 @@ class Progress:
     best: float | None
 
 
-def _signature(cfg: StudyConfig, space: ParameterSpace) -> dict:
-    return {"kind": space.kind, "method": cfg.merge.method, "names": space.names,
-            "parents": cfg.models.parents, "base": cfg.models.base}
+def _signature(cfg: StudyConfig, space: SearchSpace) -> dict:
+    sig = {"kind": space.kind, "method": cfg.merge.method, "names": space.names,
+           "parents": cfg.models.parents, "base": cfg.models.base}
+    if space.kind != "ps":  # a changed model A (its study found a better recipe) is a different study
+        sig.update(method="passthrough", a=getattr(space, "a", None))
+    return sig
 
 
 class Study:
@@ -60,9 +107,10 @@ class Study:
     def __init__(self, cfg: StudyConfig, storage: str | None = None, executor: LocalExecutor | None = None):
         self.cfg = cfg
         self.storage_url = storage or cfg.storage_url()
-        self.space = build_space(cfg)
+        self.space = build_space(cfg, self.storage_url)
         self.executor = executor or LocalExecutor(cfg)
         self._optuna: optuna.Study | None = None
+        self._new_optimizer()  # an optimizer that cannot work on this space is a config error, raised before any write
 
     # ---------------------------------------------------------------- storage
     def exists(self) -> bool:
@@ -108,10 +156,15 @@ class Study:
 
     def _optimizer(self, st: optuna.Study) -> Optimizer:
         text = st.user_attrs.get(ATTR + "optimizer")
-        if text:
-            return Optimizer.from_state(text)
+        return Optimizer.from_state(text) if text else self._new_optimizer()
+
+    def _new_optimizer(self) -> Optimizer:
         o = self.cfg.optimizer
-        return CMAES(self.space.dimension, seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize)
+        try:
+            return create_optimizer(o.name, dimension=self.space.dimension, categories=self.space.categories(),
+                                    seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize, x0=self.space.x0())
+        except ValueError as e:
+            raise ConfigError(self.cfg.path, "optimizer.name", str(e)) from None
 
     # ---------------------------------------------------------------- the loop
     def run(self, budget: int | None = None, on_trial: Callable[[Progress], None] | None = None) -> optuna.Study:
@@ -197,7 +250,8 @@ class Study:
     def final_table(self) -> list[dict]:
         """Test-split scores of base, each parent, the best uniform merge and the evolved best; computed once.
 
-        The uniform baseline is the study's method with one weight and density everywhere, the best of a small
+        Data-flow studies have no uniform merge: their rows are base (if set), model A and each parent run as their
+        own unscaled paths, and the evolved best.  The uniform baseline is the study's method with one weight and density everywhere, the best of a small
         grid chosen on the search split, exactly like the evolved best.
         """
         st = self.optuna
@@ -205,6 +259,23 @@ class Study:
         best = self.best_trial()
         if cached and best and cached.get("best_trial") == best.number:
             return cached["rows"]
+        rows = self._dataflow_rows() if self.space.kind != "ps" else self._ps_rows()
+        if best is not None:
+            rows.append(self._row("evolved best", self.best_recipe(), search=best.value, trial=best.number))
+            st.set_user_attr(ATTR + "final", {"best_trial": best.number, "rows": rows})
+        return rows
+
+    def _dataflow_rows(self) -> list[dict]:
+        """Each source model run as its own path (model A first when it is a PS merge)."""
+        rows = []
+        if self.cfg.models.base:
+            layers = [[0, i] for i in range(inspect_model(self.cfg.models.base).num_layers)]
+            rows.append(self._row("base", Recipe("passthrough", [self.cfg.models.base], {}, path={"layers": layers})))
+        labels = ([f"model A (best of {self.cfg.models.a_from_study})"] if self.space.a else []) + [
+            f"parent {p.rstrip('/').split('/')[-1]}" for p in self.cfg.models.parents]
+        return rows + [self._row(label, self.space.identity(m)) for m, label in enumerate(labels)]
+
+    def _ps_rows(self) -> list[dict]:
         rows = []
         n = len(self.cfg.models.parents)
         if self.cfg.models.base:
@@ -218,9 +289,6 @@ class Study:
         uniform = self._best_uniform()
         if uniform is not None:
             rows.append(self._row("best uniform " + self.cfg.merge.method, uniform[0], search=uniform[1]))
-        if best is not None:
-            rows.append(self._row("evolved best", self.best_recipe(), search=best.value, trial=best.number))
-            st.set_user_attr(ATTR + "final", {"best_trial": best.number, "rows": rows})
         return rows
 
     def _uniform_groups(self, weights: list[float]) -> dict:

@@ -12,7 +12,7 @@ from ..recipe import Recipe
 
 
 class SearchSpace(abc.ABC):
-    """Maps genomes to recipes.  Concrete spaces: `ParameterSpace` (ps)."""
+    """Maps genomes to recipes.  Concrete spaces: `ParameterSpace` (ps), `DataflowSpace` (dfs, ps+dfs)."""
 
     kind: str
 
@@ -27,6 +27,10 @@ class SearchSpace(abc.ABC):
 
     def x0(self) -> list[float]:
         return [0.5] * self.dimension
+
+    def categories(self) -> list[int]:
+        """Per coordinate: 0 for continuous, n >= 2 for a choice among n categories (for mixed optimizers)."""
+        return [0] * self.dimension
 
     @abc.abstractmethod
     def decode(self, genome: Sequence[float], seed: int = 0) -> Recipe:
