@@ -251,10 +251,15 @@ class PathFile(_Strict):
     scales: list[float] | None = None
     a: dict[str, Any] | None = None
 
+    @field_validator("layers")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("the layer path is empty: at least one [model, layer] is needed")
+        return v
+
     @model_validator(mode="after")
     def _shape(self) -> PathFile:
-        if not self.layers:
-            raise ValueError("the layer path is empty: at least one [model, layer] is needed")
         if self.scales is not None:
             if len(self.scales) != len(self.layers):
                 raise ValueError(f"{len(self.scales)} scales for {len(self.layers)} layers")
