@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .merge.materialize import DTYPES, Materializer
 from .recipe import Recipe
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # pre-norm decoders whose layers write to the residual stream only through these two projections
 FOLDABLE = {"llama", "mistral", "qwen2", "qwen3"}
@@ -180,8 +179,6 @@ def path_sources(recipe: Recipe) -> list[str | dict]:
 
 def merged_model(recipe: Recipe, device: torch.device | str = "cpu") -> PreTrainedModel:
     """A parameter-space recipe merged in memory: model A of a PS+DFS path."""
-    from .merge import Materializer
-
     mat = Materializer(recipe.base, recipe.parents, device, recipe.dtype)
     return mat.materialize(recipe)
 

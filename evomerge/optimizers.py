@@ -75,10 +75,21 @@ class CatCMA(Optimizer):
         if len(self.cont) < 2 or not self.cat:
             raise ValueError("CatCMA needs at least two continuous and one categorical coordinate; "
                              "use cmaes for this search space")
-        mean = np.array([(x0 or [0.5] * len(categories))[i] for i in self.cont])
+        x0 = x0 or [0.5] * len(categories)
+        mean = np.array([x0[i] for i in self.cont])
         bounds = np.array([[0.0, 1.0]] * len(self.cont))
         self.es = _CatCMA(mean=mean, sigma=sigma0, cat_num=np.array([categories[i] for i in self.cat]),
-                          bounds=bounds, seed=seed + 1, population_size=popsize)
+                          bounds=bounds, seed=seed + 1, population_size=popsize, cat_param=self._start(x0))
+
+    def _start(self, x0: list[float]) -> np.ndarray:
+        """Initial category probabilities: a yes/no choice whose x0 is v starts with P(yes) = v (as under CMA-ES,
+        where x0 is the mean of the indicator); wider choices start uniform."""
+        width = max(self.categories[i] for i in self.cat)
+        q = np.zeros((len(self.cat), width))
+        for row, i in enumerate(self.cat):
+            n = self.categories[i]
+            q[row, :n] = [1 - x0[i], x0[i]] if n == 2 else [1 / n] * n
+        return q
 
     @property
     def popsize(self) -> int:

@@ -92,6 +92,26 @@ def test_exported_model_matches_the_path_with_scales_folded(flow, tmp_path):
     torch.testing.assert_close(plain(IDS).logits, want, rtol=0, atol=1e-4)
 
 
+@torch.no_grad()
+def test_lm_eval_scores_the_path_like_its_exported_model(flow, tmp_path):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(UP)
+    write_path_model(recipe(PATH), tmp_path / "out")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    lms = [HFLM(pretrained=m, tokenizer=tok, batch_size=4, device="cpu") for m in (flow.apply(recipe(PATH)), plain)]
+    prompts = ["up:abc=", "rot:xyz=", "up:hello=", "rot:ab="]
+    ll = [Instance("loglikelihood", {}, (p, "ABC"), i) for i, p in enumerate(prompts)]
+    gen = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}), i)
+           for i, p in enumerate(prompts)]
+    (path_ll, plain_ll), (path_gen, plain_gen) = [lm.loglikelihood(ll) for lm in lms], [lm.generate_until(gen) for lm in lms]
+    assert path_gen == plain_gen
+    assert [b for _, b in path_ll] == [b for _, b in plain_ll]
+    assert [a for a, _ in path_ll] == pytest.approx([a for a, _ in plain_ll], abs=1e-4)
+
+
 def test_fold_refuses_post_norm_architectures():
     config = AutoConfig.for_model("gemma2")
     with pytest.raises(PathError, match="post-norm"):
@@ -111,6 +131,12 @@ def test_published_layout_dimension_and_fixed_ends():
     assert len(everything.path["layers"]) == 24 + 2 and min(everything.path["scales"][1:-1]) == pytest.approx(0.4)
     nothing = space.decode([0.0] * 24 + [0.5] * 24)
     assert nothing.path["layers"] == [[0, 0], [0, 3]]
+
+
+def test_search_starts_at_model_a_own_unscaled_path():
+    space = DataflowSpace(parents=[UP, ROT], num_layers=[4, 4], scale=Range(0.4, 1.5), repeats=3)
+    assert space.decode(space.x0()).path == space.identity(0).path == {
+        "layers": [[0, 0], [0, 1], [0, 2], [0, 3]], "scales": [1.0] * 4}
 
 
 def test_positions_layout_has_the_smm_bench_shape():

@@ -67,9 +67,16 @@ class DataflowSpace(SearchSpace):
         return self._categories
 
     def x0(self) -> list[float]:
+        """The search starts around model A's own path, unscaled: scales at 1.0; in the published layout, A's inner
+        layers of the first repeat leaning to include (0.85) and every other slot to skip (0.1).  From the centre of
+        the cube (half of all slots included) nearly every path is far from any working model."""
         one = (1.0 - self.scale.low) / (self.scale.high - self.scale.low) if self.scale.high > self.scale.low else 0.5
         one = min(max(one, 0.0), 1.0)
-        return [0.5 if n else one for n in self._categories]
+        if self.layout != "published":
+            return [0.5 if n else one for n in self._categories]
+        last = self.num_layers[0] - 1
+        lean = [0.85 if t < self.num_layers[0] and 0 < l < last else 0.1 for t, (m, l) in enumerate(self.slots)]
+        return lean + [one] * len(self.slots)
 
     def decode(self, genome: Sequence[float], seed: int = 0) -> Recipe:
         if len(genome) != self.dimension:
