@@ -102,11 +102,18 @@ class Study:
             postgres = make_url(self.storage_url).get_backend_name() == "postgresql"
             kwargs = {"connect_args": {"connect_timeout": 5}} if postgres else {}
             try:
-                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; we drive them ourselves
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    self._storage = RDBStorage(self.storage_url, engine_kwargs=kwargs,
-                                               heartbeat_interval=max(1, round(ec.heartbeat_s)),
-                                               grace_period=max(1, round(ec.stale_after_s)))
+                for attempt in range(3):  # runners starting together on a fresh DB race to create the tables
+                    try:
+                        with warnings.catch_warnings():  # Optuna calls heartbeats experimental; we drive them
+                            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                            self._storage = RDBStorage(self.storage_url, engine_kwargs=kwargs,
+                                                       heartbeat_interval=max(1, round(ec.heartbeat_s)),
+                                                       grace_period=max(1, round(ec.stale_after_s)))
+                        break
+                    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                        if attempt == 2:
+                            raise
+                        time.sleep(0.5 + attempt)
             except sqlalchemy.exc.SQLAlchemyError as e:
                 reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
                 raise StorageError(
