@@ -35,6 +35,7 @@ class TrialResult:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     worker: str = "local"
+    attempts: int = 1
 
 
 class Worker:
@@ -264,7 +265,7 @@ class RayExecutor(Executor):
         self.slots = slots
 
     def workers(self) -> list[dict]:
-        """Each actor's process id (None while a replacement is still loading) and whether it is evaluating."""
+        """Each actor's process id (None while a replacement is still loading) and the key of its job, if any."""
         import ray
 
         for s in self.slots:
@@ -274,7 +275,7 @@ class RayExecutor(Executor):
                 except ray.exceptions.RayError:
                     pass
                 s.ready = None
-        return [{"pid": s.pid, "busy": s.job is not None} for s in self.slots]
+        return [{"pid": s.pid, "job": None if s.job is None else s.job.key} for s in self.slots]
 
     # ------------------------------------------------------------- jobs
     def free_slots(self) -> int:
@@ -310,7 +311,9 @@ class RayExecutor(Executor):
             job, ref = s.job, s.ref
             s.job, s.ref = None, None
             try:
-                done.append((job.key, ray.get(ref)))
+                result = ray.get(ref)
+                result.attempts = job.attempts
+                done.append((job.key, result))
             except ray.exceptions.RayActorError as e:
                 self._replace(s)
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -318,7 +321,8 @@ class RayExecutor(Executor):
                     self.backlog.insert(0, job)
                 else:
                     done.append((job.key, TrialResult(
-                        None, {}, f"worker died {job.attempts} times evaluating this trial; last: {reason}", self.name)))
+                        None, {}, f"worker died {job.attempts} times evaluating this trial; last: {reason}",
+                        self.name, job.attempts)))
             except ray.exceptions.RayTaskError as e:
                 done.append((job.key, TrialResult(None, {}, f"{type(e.cause).__name__}: {e.cause}", self.name)))
         self._dispatch()

@@ -282,6 +282,8 @@ class Study:
         try:
             trial.set_user_attr(ATTR + "timings", result.timings)
             trial.set_user_attr(ATTR + "worker", result.worker)
+            if result.attempts > 1:
+                trial.set_user_attr(ATTR + "attempts", result.attempts)
             if result.score is None:
                 trial.set_user_attr(ATTR + "error", result.error)
                 st.tell(trial, state=TrialState.FAIL)
