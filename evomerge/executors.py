@@ -347,18 +347,27 @@ class RayExecutor(Executor):
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when nothing listens at a Ray address."""
+    """Fail in seconds, not after Ray's minute of retries, when no Ray head answers at an address.
+
+    The GCS and the Ray Client endpoint both speak gRPC: any gRPC server answers a call to an unknown method with
+    UNIMPLEMENTED at once, while a refused or silent address gives UNAVAILABLE or a timeout."""
+    import grpc
+
     hostport = address.removeprefix("ray://")
-    host, _, port = hostport.rpartition(":")
-    default = 10001 if address.startswith("ray://") else 6379
-    host, port = (host, int(port)) if port.isdigit() else (hostport, default)
+    if ":" not in hostport:
+        hostport += ":10001" if address.startswith("ray://") else ":6379"
+    channel = grpc.insecure_channel(hostport)
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise ExecutorError(
-            f"executor.address: nothing answers at {address!r} ({e.strerror or e}); check the host and port of the "
-            "Ray head (`ray start --head` prints them), firewalls, or leave the address out to start a local Ray"
-        ) from None
+        channel.unary_unary("/evomerge.Probe/Ping")(b"", timeout=timeout)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise ExecutorError(
+                f"executor.address: no Ray head answers at {address!r} ({e.code().name.lower()}); check the host "
+                "and port of the Ray head (`ray start --head` prints them), firewalls, or leave the address out to "
+                "start a local Ray"
+            ) from None
+    finally:
+        channel.close()
 
 
 def make_executor(cfg: StudyConfig) -> Executor:
