@@ -94,7 +94,7 @@ def run(
         out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
         out.print(f"search space {study.space.kind} ({cfg.merge.method}): dimension {study.space.dimension}")
         if cfg.executor.name == "ray":
-            out.print(f"executor ray at {cfg.executor.address or 'a new local Ray'}")
+            out.print(f"executor ray at {cfg.executor.address or os.environ.get('RAY_ADDRESS') or 'a new local Ray'}")
         study.executor.start()  # loads parents and tasks: every input error surfaces before the DB is touched
         study.check_compatible()
     except _user_errors() as e:

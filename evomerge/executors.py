@@ -206,7 +206,7 @@ class RayExecutor(Executor):
             raise ExecutorError("executor.name: ray is not installed; pip install 'evomerge[ray]'") from e
         if ray.is_initialized():
             return
-        address = self.ec.address
+        address = self.ec.address or os.environ.get("RAY_ADDRESS")
         if address not in (None, "auto"):
             _check_reachable(address)
         env = {"OMP_NUM_THREADS": str(self.ec.threads_per_actor)} if self.ec.threads_per_actor else {}
