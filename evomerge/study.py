@@ -394,7 +394,7 @@ def _best_value(st: optuna.Study) -> float | None:
 def summarize(st: optuna.Study) -> dict:
     """Counts and best trial, for `status`; reads only the DB."""
     trials = st.get_trials(deepcopy=False)
-    count = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
+    count = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)}
     best = None
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
