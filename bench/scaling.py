@@ -61,9 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
     args = parser.parse_args()
+    passed = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TQDM_DISABLE")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH",
-                                                                 "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TQDM_DISABLE")}})
+             runtime_env={"env_vars": {k: os.environ[k] for k in passed}})
     with tempfile.TemporaryDirectory() as tmp:
         one = throughput(Path(tmp), 1, args.trials)
         two = throughput(Path(tmp), 2, args.trials)

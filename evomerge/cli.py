@@ -155,7 +155,8 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(s, indent=2) + "\n")
         return
-    out.print(f"study [bold]{s['study']}[/]: {s['complete']} complete, {s['fail']} failed, {s['running']} running, {s['waiting']} waiting "
+    out.print(f"study [bold]{s['study']}[/]: {s['complete']} complete, {s['fail']} failed, {s['running']} running, "
+              f"{s['waiting']} waiting "
               f"(dimension {s['dimension']})")
     if s["best"]:
         out.print(f"best trial {s['best']['trial']}: {s['best']['value']:.4f} {s['best']['scores']}")

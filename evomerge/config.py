@@ -121,7 +121,8 @@ class ExecutorConfig(_Strict):
     """Where trials run, and how runners sharing one study DB keep each other honest."""
 
     name: Literal["local", "ray"] = "local"
-    address: str | None = Field(None, description="ray: 'auto', 'host:port' or 'ray://host:port'; None: $RAY_ADDRESS, else a new local Ray")
+    address: str | None = Field(None, description="ray: 'auto', 'host:port' or 'ray://host:port'; "
+                                                  "None: $RAY_ADDRESS, else a new local Ray")
     actors: int | None = Field(None, ge=1, description="ray: actor count (default: one per GPU, else per CPU slot)")
     num_gpus_per_actor: float | None = Field(None, ge=0, description="ray: default 1 when the cluster has GPUs")
     num_cpus_per_actor: float = Field(1.0, gt=0)

@@ -242,9 +242,7 @@ class RayExecutor(Executor):
         return actors, {"num_gpus": gpus, "num_cpus": cpus}
 
     def _new_actor(self) -> Any:
-        import ray
-
-        return ray.remote(**self._options)(_Actor).remote(self.cfg, self.ec.threads_per_actor)
+        return self._actor_class.remote(self.cfg, self.ec.threads_per_actor)
 
     def start(self) -> None:
         if self.slots:
@@ -252,7 +250,8 @@ class RayExecutor(Executor):
         import ray
 
         self._connect()
-        n, self._options = self._actor_options()
+        n, options = self._actor_options()
+        self._actor_class = ray.remote(**options)(_Actor)
         slots = [_Slot(self._new_actor()) for _ in range(n)]
         try:
             infos = ray.get([s.handle.ready.remote() for s in slots])

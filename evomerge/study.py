@@ -175,12 +175,13 @@ class Study:
         if make_url(self.storage_url).get_backend_name() != "postgresql":
             yield
             return
+        key = {"ns": LOCK_NAMESPACE, "id": st._study_id}
         with self.storage.engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:ns, :id)"), {"ns": LOCK_NAMESPACE, "id": st._study_id})
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:ns, :id)"), key)
             try:
                 yield
             finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:ns, :id)"), {"ns": LOCK_NAMESPACE, "id": st._study_id})
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:ns, :id)"), key)
                 conn.commit()
 
     # ---------------------------------------------------------------- the loop
@@ -193,7 +194,8 @@ class Study:
             for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 self.storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
         held: dict[int, optuna.trial.Trial] = {}
-        beat = _Heartbeat(self.storage, held, self.cfg.executor.heartbeat_s) if self.shared else contextlib.nullcontext()
+        beat = (_Heartbeat(self.storage, held, self.cfg.executor.heartbeat_s) if self.shared
+                else contextlib.nullcontext())
         next_check = 0.0
         with beat:
             while True:
@@ -254,7 +256,8 @@ class Study:
         room = budget - len(trials)
         for index, genome in enumerate(pending["genomes"]):
             if index not in have and room > 0:
-                st.enqueue_trial({}, user_attrs={ATTR + "generation": g, ATTR + "index": index, ATTR + "genome": genome})
+                attrs = {ATTR + "generation": g, ATTR + "index": index, ATTR + "genome": genome}
+                st.enqueue_trial({}, user_attrs=attrs)
                 room -= 1
 
     def _claim(self, st: optuna.Study, t: optuna.trial.FrozenTrial, held: dict) -> bool:
@@ -293,7 +296,8 @@ class Study:
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
             if not self.storage.get_trial(trial._trial_id).state.is_finished():
                 raise
-            optuna.logging.get_logger("evomerge").warning("trial %d was finished by another runner: %s", trial.number, e)
+            optuna.logging.get_logger("evomerge").warning("trial %d was finished by another runner: %s",
+                                                          trial.number, e)
 
     # ---------------------------------------------------------------- results
     def best_trial(self) -> optuna.trial.FrozenTrial | None:

@@ -105,3 +105,11 @@ def test_an_unreachable_database_fails_in_seconds_with_exit_2_and_no_password(tm
     assert "cannot open the study DB" in r.stderr and "127.0.0.1:1" in r.stderr
     assert "s3cret" not in r.stdout + r.stderr
     assert time.time() - t0 < 60
+
+
+def test_storage_urls_get_an_installed_driver_or_a_clear_refusal():
+    from evomerge.config import ConfigError, check_storage_url
+
+    assert check_storage_url("postgresql://u@h/db").startswith("postgresql+psycopg://")
+    with pytest.raises(ConfigError, match="not a database URL"):
+        check_storage_url("postgres-at-my-host")

@@ -87,3 +87,16 @@ def test_an_unreachable_ray_address_exits_2_in_seconds_before_the_db_is_touched(
     assert "executor.address" in r.stderr and "127.0.0.1:1" in r.stderr
     assert time.time() - t0 < 60
     assert not (tmp_path / "tiny-ps.db").exists()
+
+
+@pytest.mark.parametrize("executor,field", [
+    ({"name": "local", "actors": 2}, "actors applies only to the ray executor"),
+    ({"name": "ray", "heartbeat_s": 10, "stale_after_s": 15}, "stale_after_s (15) must be at least twice"),
+    ({"name": "dask"}, "executor.name"),
+])
+def test_executor_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, executor, field):
+    from evomerge.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_study(write_study(tmp_path, executor=executor))
+    assert "executor" in str(e.value) and field in str(e.value)
