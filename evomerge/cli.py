@@ -33,7 +33,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .fitness import FitnessError
     from .io import ModelFilesError
     from .merge import RecipeMismatch
-    from .study import StudyMismatch
+    from .executors import ExecutorError
+    from .study import StorageError, StudyMismatch
 
     return ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError
 
@@ -89,14 +90,19 @@ def run(
     from .study import Study
 
     cfg = _load(study_file)
+    study = None
     try:
         study = Study(cfg, storage)
         out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
         method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
         out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
-        study.executor.worker  # loads parents and tasks: every input error surfaces before the DB is touched
+        if cfg.executor.name == "ray":
+            out.print(f"executor ray at {cfg.executor.address or os.environ.get('RAY_ADDRESS') or 'a new local Ray'}")
+        study.executor.start()  # loads parents and tasks: every input error surfaces before the DB is touched
         study.check_compatible()
     except _user_errors() as e:
+        if study is not None:
+            study.executor.close()
         _fail(e)
     total = budget or cfg.budget
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
@@ -110,10 +116,14 @@ def run(
         try:
             st = study.run(total, on_trial=on_trial)
         except _user_errors() as e:
+            study.executor.close()
             _fail(e)
         finished = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
         bar.update(task, completed=min(finished, total), best=_fmt(study.best_trial().value if study.best_trial() else None))
-    _print_table(study.final_table())
+    try:
+        _print_table(study.final_table())
+    finally:
+        study.executor.close()
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -148,7 +158,8 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(s, indent=2) + "\n")
         return
-    out.print(f"study [bold]{s['study']}[/]: {s['complete']} complete, {s['fail']} failed, {s['running']} running "
+    out.print(f"study [bold]{s['study']}[/]: {s['complete']} complete, {s['fail']} failed, {s['running']} running, "
+              f"{s['waiting']} waiting "
               f"(dimension {s['dimension']})")
     if s["best"]:
         out.print(f"best trial {s['best']['trial']}: {s['best']['value']:.4f} {s['best']['scores']}")

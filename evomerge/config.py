@@ -5,6 +5,7 @@ path); the study may override any preset field.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,6 +133,38 @@ class BaselineConfig(_Strict):
     density: list[float] = Field(default_factory=lambda: [0.3, 0.6, 1.0])
 
 
+class ExecutorConfig(_Strict):
+    """Where trials run, and how runners sharing one study DB keep each other honest."""
+
+    name: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="ray: 'auto', 'host:port' or 'ray://host:port'; "
+                                                  "None: $RAY_ADDRESS, else a new local Ray")
+    actors: int | None = Field(None, ge=1, description="ray: actor count (default: one per GPU, else per CPU slot)")
+    num_gpus_per_actor: float | None = Field(None, ge=0, description="ray: default 1 when the cluster has GPUs")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    threads_per_actor: int | None = Field(None, ge=1, description="ray: torch/OpenMP threads inside each actor")
+    max_retries: int = Field(2, ge=0, description="ray: re-runs of a trial whose actor died, before it fails")
+    heartbeat_s: float = Field(10.0, gt=0, description="how often a runner marks its running trials alive")
+    stale_after_s: float = Field(60.0, gt=0, description="a running trial silent this long is re-queued")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExecutorConfig:
+        if self.name == "local":
+            extra = [k for k in ("address", "actors", "num_gpus_per_actor", "threads_per_actor")
+                     if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{extra[0]} applies only to the ray executor (set name: ray)")
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"stale_after_s ({self.stale_after_s:g}) must be at least twice heartbeat_s "
+                             f"({self.heartbeat_s:g}), or live trials would be taken for dead")
+        return self
+
+
 class StudyConfig(_Strict):
     study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="study name inside the storage")
     storage: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<study file dir>/<study>.db")
@@ -144,6 +177,7 @@ class StudyConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     fitness: FitnessConfig
     baselines: BaselineConfig = BaselineConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     _path: Path = PrivateAttr(default_factory=Path)
 
     @model_validator(mode="after")
@@ -240,6 +274,10 @@ def load_study(path: str | Path) -> StudyConfig:
             raise ConfigError(path, f"fitness.include_path.{i}", f"folder {p} does not exist")
     if cfg.storage and cfg.storage.startswith("sqlite:///") and not cfg.storage.startswith("sqlite:////"):
         cfg.storage = "sqlite:///" + _resolve(d, cfg.storage.removeprefix("sqlite:///"))
+    if cfg.executor.name == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(path, "executor.name", "ray is not installed here: pip install 'evomerge[ray]'")
+    if cfg.storage:
+        cfg.storage = check_storage_url(cfg.storage, path, "storage")
     cfg._path = path.resolve()
     return cfg
 
@@ -266,6 +304,25 @@ class PathFile(_Strict):
             if any(s <= 0 for s in self.scales):
                 raise ValueError("scales must be > 0")
         return self
+def check_storage_url(url: str, file: str | Path = "--storage", field: str = "") -> str:
+    """A usable SQLAlchemy URL: parsed, with an installed driver (`postgresql://` picks psycopg 3 when psycopg2 is
+    absent); the password never appears in the message."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise ConfigError(file, field, "not a database URL; expected e.g. sqlite:///study.db or "
+                                       "postgresql://user@host:5432/db") from None
+    if u.drivername == "postgresql" and importlib.util.find_spec("psycopg2") is None:
+        u = u.set(drivername="postgresql+psycopg")
+    try:
+        u.get_dialect().import_dbapi()
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises NoSuchModuleError or the driver's ImportError
+        hint = " (pip install 'evomerge[postgres]')" if u.get_backend_name() == "postgresql" else ""
+        raise ConfigError(file, field, f"no database driver for {u.drivername!r}{hint}: {e}") from None
+    return u.render_as_string(hide_password=False)
 
 
 class RecipeFile(_Strict):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import cma
 import numpy as np
+from cma.utilities.utils import SolutionDict
 
 
 class Optimizer(abc.ABC):
@@ -58,6 +59,46 @@ class CMAES(Optimizer):
     def tell(self, genomes: list[list[float]], losses: list[float]) -> None:
         self.es.tell([np.asarray(g) for g in genomes], losses)
 
+    def __setstate__(self, state: dict) -> None:
+        """Make a restored optimizer behave exactly like the one that was saved.
+
+        pycma samples through a bound `np.random.randn`, which pickling turns into a private copy of the generator,
+        so the per-generation seeding in `ask` would no longer reach it; and it finds the solutions it handed out by
+        `hash(x.tobytes())`, which Python salts per process, so state read by another process (a resume, a second
+        runner) must be re-keyed or `tell` no longer recognizes its own solutions."""
+        self.__dict__.update(state)
+        if _copied_global_randn(self.es.opts.get("randn")):
+            self.es.opts["randn"] = np.random.randn
+        if _copied_global_randn(getattr(getattr(self.es, "sm", None), "randn", None)):
+            self.es.sm.randn = np.random.randn
+        seen: set[int] = set()
+        todo = [self.es]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in seen or not hasattr(obj, "__dict__"):
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, SolutionDict):
+                _rekey(obj)
+            todo.extend(v for v in vars(obj).values()
+                        if hasattr(v, "__dict__") and type(v).__module__.startswith("cma"))
+
+
+def _copied_global_randn(f: object) -> bool:
+    return isinstance(getattr(f, "__self__", None), np.random.RandomState)
+
+
+def _rekey(d: SolutionDict) -> None:
+    data, same, unhashed = d.data, d.data_with_same_key, d._unhashed_keys
+    d.data, d.data_with_same_key, d._unhashed_keys = {}, {}, {}
+    for k, v in data.items():
+        x = unhashed.get(k, k)
+        new = d.key(x)
+        d.data[new] = v
+        if k in same:
+            d.data_with_same_key[new] = same[k]
+        if k in unhashed:
+            d._unhashed_keys[new] = x
 
 class CatCMA(Optimizer):
     """CatCMA (`cmaes`) for mixed spaces: a Gaussian over the continuous coordinates and a categorical distribution

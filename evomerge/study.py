@@ -6,23 +6,34 @@ crash re-evaluates only what did not finish: a stale RUNNING trial is taken over
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from pathlib import Path
-from collections.abc import Callable
+import os
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
-from .config import ConfigError, StudyConfig
-from .executors import LocalExecutor, TrialResult
+from .config import ConfigError, StudyConfig, check_storage_url
+from .executors import Executor, TrialResult, make_executor
 from .io import inspect_model
 from .optimizers import Optimizer, create_optimizer
 from .recipe import Recipe
 from .spaces import DataflowSpace, ParameterSpace, Range, SearchSpace
 
 ATTR = "evomerge."
+LOCK_NAMESPACE = 0x65766F  # "evo": the advisory-lock class of evomerge's per-study generation lock
+POLL_S = 0.5  # how often an idle runner looks for claimable work
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -101,27 +112,71 @@ def _signature(cfg: StudyConfig, space: SearchSpace) -> dict:
     return sig
 
 
-class Study:
-    """One named study in one storage; `run` drives it to its budget and `final_table` scores the winners."""
+class StorageError(ValueError):
+    """The study DB cannot be reached or opened."""
 
-    def __init__(self, cfg: StudyConfig, storage: str | None = None, executor: LocalExecutor | None = None):
+
+class Study:
+    """One named study in one storage; `run` drives it to its budget and `final_table` scores the winners.
+
+    Several runners (processes, machines) may drive one study in a shared database (PostgreSQL): each generation's
+    candidates are WAITING trials that a runner claims atomically (WAITING -> RUNNING), one runner at a time
+    advances the optimizer under a database lock, and a runner that dies is noticed by its silent heartbeat: its
+    RUNNING trials go back to WAITING and are evaluated by someone else, once.  SQLite is for one runner at a time:
+    its RUNNING trials at start-up belong to a dead run and are taken over at once.
+    """
+
+    def __init__(self, cfg: StudyConfig, storage: str | None = None, executor: Executor | None = None):
         self.cfg = cfg
-        self.storage_url = storage or cfg.storage_url()
+        self.storage_url = check_storage_url(storage) if storage else cfg.storage_url()
         self.space = build_space(cfg, self.storage_url)
-        self.executor = executor or LocalExecutor(cfg)
+        self.executor = executor or make_executor(cfg)
+        self.runner = f"{socket.gethostname()}:{os.getpid()}"
         self._optuna: optuna.Study | None = None
+        self._storage: RDBStorage | None = None
         self._new_optimizer()  # an optimizer that cannot work on this space is a config error, raised before any write
 
     # ---------------------------------------------------------------- storage
+    @property
+    def shared(self) -> bool:
+        """Whether several runners may work on this storage at once (anything but SQLite)."""
+        return make_url(self.storage_url).get_backend_name() != "sqlite"
+
+    @property
+    def storage(self) -> RDBStorage:
+        """Optuna's RDB storage, connected once; an unreachable server fails here, in seconds, with what to check."""
+        if self._storage is None:
+            ec = self.cfg.executor
+            postgres = make_url(self.storage_url).get_backend_name() == "postgresql"
+            kwargs = {"connect_args": {"connect_timeout": 5}} if postgres else {}
+            try:
+                for attempt in range(3):  # runners starting together on a fresh DB race to create the tables
+                    try:
+                        with warnings.catch_warnings():  # Optuna calls heartbeats experimental; we drive them
+                            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                            self._storage = RDBStorage(self.storage_url, engine_kwargs=kwargs,
+                                                       heartbeat_interval=max(1, round(ec.heartbeat_s)),
+                                                       grace_period=max(1, round(ec.stale_after_s)))
+                        break
+                    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                        if attempt == 2:
+                            raise
+                        time.sleep(0.5 + attempt)
+            except sqlalchemy.exc.SQLAlchemyError as e:
+                reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+                raise StorageError(
+                    f"cannot open the study DB {_masked(self.storage_url)} ({reason}); check that the server runs "
+                    "and is reachable, and that the user, password and database exist"
+                ) from None
+        return self._storage
+
     def exists(self) -> bool:
         """Whether the study is in the storage; never creates a SQLite file just to find out."""
-        from sqlalchemy.engine import make_url
-
         url = make_url(self.storage_url)
         if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
             return False
         try:
-            optuna.load_study(study_name=self.cfg.study, storage=self.storage_url)
+            optuna.load_study(study_name=self.cfg.study, storage=self.storage)
             return True
         except KeyError:
             return False
@@ -129,17 +184,17 @@ class Study:
     @property
     def optuna(self) -> optuna.Study:
         if self._optuna is None:
-            self._optuna = optuna.load_study(study_name=self.cfg.study, storage=self.storage_url)
+            self._optuna = optuna.load_study(study_name=self.cfg.study, storage=self.storage)
         return self._optuna
 
     def _open_or_create(self) -> optuna.Study:
-        st = optuna.create_study(study_name=self.cfg.study, storage=self.storage_url, direction="maximize",
+        self.check_compatible()
+        st = optuna.create_study(study_name=self.cfg.study, storage=self.storage, direction="maximize",
                                  load_if_exists=True)
         if ATTR + "signature" not in st.user_attrs:
             st.set_user_attr(ATTR + "signature", _signature(self.cfg, self.space))
             st.set_user_attr(ATTR + "dimension", self.space.dimension)
         self._optuna = st
-        self.check_compatible()
         return st
 
     def check_compatible(self) -> None:
@@ -166,77 +221,136 @@ class Study:
         except ValueError as e:
             raise ConfigError(self.cfg.path, "optimizer.name", str(e)) from None
 
+    @contextlib.contextmanager
+    def _advancing(self, st: optuna.Study) -> Iterator[None]:
+        """One runner at a time may re-queue, tell, ask and enqueue: a PostgreSQL advisory lock, released by the
+        server if its holder dies.  SQLite has one runner, so nothing to hold."""
+        if make_url(self.storage_url).get_backend_name() != "postgresql":
+            yield
+            return
+        key = {"ns": LOCK_NAMESPACE, "id": st._study_id}
+        with self.storage.engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:ns, :id)"), key)
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:ns, :id)"), key)
+                conn.commit()
+
     # ---------------------------------------------------------------- the loop
     def run(self, budget: int | None = None, on_trial: Callable[[Progress], None] | None = None) -> optuna.Study:
-        """Evaluate candidates until `budget` trials have finished (COMPLETE or FAIL); safe to call again."""
+        """Evaluate candidates until `budget` trials have finished (COMPLETE or FAIL); safe to call again, and
+        safe to call from several processes at once on a shared storage."""
         budget = budget or self.cfg.budget
         st = self._open_or_create()
-        opt = self._optimizer(st)
-        while True:
-            trials = st.get_trials(deepcopy=False)
-            finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-            if len(finished) >= budget:
-                return st
-            pending = st.user_attrs.get(ATTR + "pending")
-            if pending is None:
-                generation = st.user_attrs.get(ATTR + "generation", 0)
-                pending = {"generation": generation, "genomes": opt.ask(generation)}
-                st.set_user_attr(ATTR + "optimizer", opt.state())
-                st.set_user_attr(ATTR + "pending", pending)
-            values = self._run_generation(st, pending, budget, on_trial)
-            if values is None:
-                return st
-            worst = max((-v for v in values if v is not None), default=0.0)
-            opt.tell(pending["genomes"], [-v if v is not None else worst + 1.0 for v in values])
-            st.set_user_attr(ATTR + "optimizer", opt.state())
-            st.set_user_attr(ATTR + "generation", pending["generation"] + 1)
-            st.set_user_attr(ATTR + "pending", None)
+        if not self.shared:
+            for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                self.storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
+        held: dict[int, optuna.trial.Trial] = {}
+        beat = (_Heartbeat(self.storage, held, self.cfg.executor.heartbeat_s) if self.shared
+                else contextlib.nullcontext())
+        next_check = 0.0
+        with beat:
+            while True:
+                trials = st.get_trials(deepcopy=False)
+                waiting = [t for t in trials if t.state == TrialState.WAITING]
+                if not waiting or time.monotonic() >= next_check:
+                    with self._advancing(st):
+                        self._advance(st, budget)
+                    next_check = time.monotonic() + self.cfg.executor.heartbeat_s
+                    trials = st.get_trials(deepcopy=False)
+                    waiting = [t for t in trials if t.state == TrialState.WAITING]
+                finished = sum(t.state.is_finished() for t in trials)
+                if finished >= budget and not held:
+                    return st
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                for t in waiting:
+                    if self.executor.free_slots() <= 0 or finished + running >= budget:
+                        break
+                    if self._claim(st, t, held):
+                        running += 1
+                if not held:
+                    time.sleep(POLL_S)
+                    continue
+                for trial_id, result in self.executor.results(timeout=self.cfg.executor.heartbeat_s):
+                    self._record(st, held.pop(trial_id), result)
+                    if on_trial:
+                        on_trial(Progress(sum(t.state.is_finished() for t in st.get_trials(deepcopy=False)),
+                                          budget, _best_value(st)))
 
-    def _run_generation(self, st: optuna.Study, pending: dict, budget: int,
-                        on_trial: Callable[[Progress], None] | None) -> list[float | None] | None:
-        """Evaluate the generation's unfinished candidates; None when the budget ran out part-way."""
-        g = pending["generation"]
+    def _advance(self, st: optuna.Study, budget: int) -> None:
+        """Under the lock: re-queue trials of dead runners, tell a finished generation, ask and enqueue the next."""
+        if self.shared:
+            for trial_id in self.storage._get_stale_trial_ids(st._study_id):
+                self.storage.set_trial_state_values(trial_id, TrialState.WAITING)
         trials = st.get_trials(deepcopy=False)
-        mine = {t.user_attrs.get(ATTR + "index"): t for t in trials if t.user_attrs.get(ATTR + "generation") == g}
-        stale = [t for t in trials if t.state == TrialState.RUNNING and ATTR + "generation" not in t.user_attrs]
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
-        values: list[float | None] = []
+        pending = st.user_attrs.get(ATTR + "pending")
+        opt = self._optimizer(st)
+        if pending is not None:
+            g = pending["generation"]
+            mine = {t.user_attrs[ATTR + "index"]: t for t in trials if t.user_attrs.get(ATTR + "generation") == g}
+            if len(mine) == len(pending["genomes"]) and all(t.state.is_finished() for t in mine.values()):
+                values = [mine[i].value if mine[i].state == TrialState.COMPLETE else None for i in range(len(mine))]
+                worst = max((-v for v in values if v is not None), default=0.0)
+                opt.tell(pending["genomes"], [-v if v is not None else worst + 1.0 for v in values])
+                st.set_user_attr(ATTR + "optimizer", opt.state())
+                st.set_user_attr(ATTR + "generation", g + 1)
+                st.set_user_attr(ATTR + "pending", None)
+                pending = None
+        if len(trials) >= budget:
+            return
+        if pending is None:
+            generation = st.user_attrs.get(ATTR + "generation", 0)
+            pending = {"generation": generation, "genomes": opt.ask(generation)}
+            st.set_user_attr(ATTR + "optimizer", opt.state())
+            st.set_user_attr(ATTR + "pending", pending)
+        g = pending["generation"]
+        have = {t.user_attrs.get(ATTR + "index") for t in trials if t.user_attrs.get(ATTR + "generation") == g}
+        room = budget - len(trials)
         for index, genome in enumerate(pending["genomes"]):
-            t = mine.get(index)
-            if t is not None and t.state == TrialState.COMPLETE:
-                values.append(t.value)
-                continue
-            if t is not None and t.state == TrialState.FAIL:
-                values.append(None)
-                continue
-            if finished >= budget:
-                return None
-            trial = optuna.trial.Trial(st, t._trial_id) if t is not None else (
-                optuna.trial.Trial(st, stale.pop()._trial_id) if stale else st.ask()
-            )
-            values.append(self._evaluate(st, trial, g, index, genome))
-            finished += 1
-            if on_trial:
-                on_trial(Progress(finished, budget, _best_value(st)))
-        return values
+            if index not in have and room > 0:
+                attrs = {ATTR + "generation": g, ATTR + "index": index, ATTR + "genome": genome}
+                st.enqueue_trial({}, user_attrs=attrs)
+                room -= 1
 
-    def _evaluate(self, st: optuna.Study, trial: optuna.trial.Trial, generation: int, index: int,
-                  genome: list[float]) -> float | None:
-        seed = self.cfg.seed * 1_000_003 + generation * 1_009 + index
-        recipe = self.space.decode(genome, seed=seed)
-        for k, v in {"generation": generation, "index": index, "genome": genome,
-                     "recipe": recipe.to_dict()}.items():
-            trial.set_user_attr(ATTR + k, v)
-        result = self.executor.evaluate(recipe)
-        trial.set_user_attr(ATTR + "timings", result.timings)
-        trial.set_user_attr(ATTR + "worker", self.executor.name)
-        if result.score is None:
-            trial.set_user_attr(ATTR + "error", result.error)
-            st.tell(trial, state=TrialState.FAIL)
-            return None
-        trial.set_user_attr(ATTR + "scores", result.score.per_task)
-        st.tell(trial, result.score.value)
-        return result.score.value
+    def _claim(self, st: optuna.Study, t: optuna.trial.FrozenTrial, held: dict) -> bool:
+        """Take one WAITING trial (atomic: of several runners, exactly one wins) and hand it to the executor.
+
+        The heartbeat is written before the claim, so no other runner ever sees the claimed trial as stale."""
+        if self.shared:
+            self.storage.record_heartbeat(t._trial_id)
+        try:
+            if not self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                return False
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        g, index = t.user_attrs[ATTR + "generation"], t.user_attrs[ATTR + "index"]
+        recipe = self.space.decode(t.user_attrs[ATTR + "genome"], seed=self.cfg.seed * 1_000_003 + g * 1_009 + index)
+        trial = optuna.trial.Trial(st, t._trial_id)
+        trial.set_user_attr(ATTR + "recipe", recipe.to_dict())
+        trial.set_user_attr(ATTR + "runner", self.runner)
+        held[t._trial_id] = trial
+        self.executor.submit(t._trial_id, recipe, "search")
+        return True
+
+    def _record(self, st: optuna.Study, trial: optuna.trial.Trial, result: TrialResult) -> None:
+        """Store a result; one whose trial another runner finished meanwhile (we were taken for dead) is dropped."""
+        try:
+            trial.set_user_attr(ATTR + "timings", result.timings)
+            trial.set_user_attr(ATTR + "worker", result.worker)
+            if result.attempts > 1:
+                trial.set_user_attr(ATTR + "attempts", result.attempts)
+            if result.score is None:
+                trial.set_user_attr(ATTR + "error", result.error)
+                st.tell(trial, state=TrialState.FAIL)
+            else:
+                trial.set_user_attr(ATTR + "scores", result.score.per_task)
+                st.tell(trial, result.score.value)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
+            if not self.storage.get_trial(trial._trial_id).state.is_finished():
+                raise
+            optuna.logging.get_logger("evomerge").warning("trial %d was finished by another runner: %s",
+                                                          trial.number, e)
 
     # ---------------------------------------------------------------- results
     def best_trial(self) -> optuna.trial.FrozenTrial | None:
@@ -292,7 +406,7 @@ class Study:
         return rows
 
     def _uniform_groups(self, weights: list[float]) -> dict:
-        return {g: {"weight": list(weights)} for g in self.executor.worker.materializer.groups}
+        return {g: {"weight": list(weights)} for g in self.space.uniform(0.5).groups}
 
     def _best_uniform(self) -> tuple[Recipe, float] | None:
         has_density = "density" in self.space.method.tensor_params
@@ -312,6 +426,35 @@ class Study:
                 "search": search, "trial": trial, "recipe": recipe.to_dict()}
 
 
+class _Heartbeat(threading.Thread):
+    """Marks this runner's RUNNING trials alive in the DB, from a thread, while the loop waits on results."""
+
+    def __init__(self, storage: RDBStorage, held: dict, interval: float):
+        super().__init__(daemon=True, name="evomerge-heartbeat")
+        self.storage, self.held, self.interval = storage, held, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            for trial_id in list(self.held):
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except sqlalchemy.exc.SQLAlchemyError:
+                    pass  # a DB hiccup: the next beat retries, well before the trial counts as stale
+
+    def __enter__(self) -> _Heartbeat:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.join()
+
+
+def _masked(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _best_value(st: optuna.Study) -> float | None:
     try:
         v = st.best_value
@@ -323,7 +466,7 @@ def _best_value(st: optuna.Study) -> float | None:
 def summarize(st: optuna.Study) -> dict:
     """Counts and best trial, for `status`; reads only the DB."""
     trials = st.get_trials(deepcopy=False)
-    count = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
+    count = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)}
     best = None
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:

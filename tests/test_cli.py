@@ -22,7 +22,10 @@ def db_of(study_file):
 
 def finished_trials(db):
     with sqlite3.connect(db) as c:
-        return c.execute("select count(*) from trials where state in ('COMPLETE','FAIL')").fetchone()[0]
+        try:
+            return c.execute("select count(*) from trials where state in ('COMPLETE','FAIL')").fetchone()[0]
+        except sqlite3.OperationalError:  # the run has created the file but not yet Optuna's tables
+            return 0
 
 
 def test_run_status_export_merge_reproduce_the_winner(tmp_path, evomerge_cmd):
