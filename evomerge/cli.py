@@ -32,11 +32,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .dataflow import PathError
     from .fitness import FitnessError
     from .io import ModelFilesError
-    from .merge import RecipeMismatch
     from .executors import ExecutorError
+    from .merge import RecipeMismatch
     from .study import StorageError, StudyMismatch
 
-    return ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError
+    return (ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError, StorageError,
+            ExecutorError)
 
 
 def _fail(e: Exception) -> None:
