@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from .config import StudyConfig
 from .executors import LocalExecutor, TrialResult
 from .io import inspect_model
-from .optimizers import CMAES, Optimizer
+from .optimizers import MULTI_OBJECTIVE, Optimizer, make_optimizer
 from .recipe import Recipe
 from .spaces import ParameterSpace, Range
 
@@ -84,8 +84,14 @@ class Study:
             self._optuna = optuna.load_study(study_name=self.cfg.study, storage=self.storage_url)
         return self._optuna
 
+    @property
+    def multi_objective(self) -> bool:
+        """One objective per fitness task (NSGA-II) instead of their weighted mean."""
+        return self.cfg.optimizer.name in MULTI_OBJECTIVE
+
     def _open_or_create(self) -> optuna.Study:
-        st = optuna.create_study(study_name=self.cfg.study, storage=self.storage_url, direction="maximize",
+        n = len(self.cfg.fitness.tasks) if self.multi_objective else 1
+        st = optuna.create_study(study_name=self.cfg.study, storage=self.storage_url, directions=["maximize"] * n,
                                  load_if_exists=True)
         if ATTR + "signature" not in st.user_attrs:
             st.set_user_attr(ATTR + "signature", _signature(self.cfg, self.space))
@@ -111,7 +117,8 @@ class Study:
         if text:
             return Optimizer.from_state(text)
         o = self.cfg.optimizer
-        return CMAES(self.space.dimension, seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize)
+        return make_optimizer(o.name, self.space.dimension, seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize,
+                              objectives=len(self.cfg.fitness.tasks))
 
     # ---------------------------------------------------------------- the loop
     def run(self, budget: int | None = None, on_trial: Callable[[Progress], None] | None = None) -> optuna.Study:
@@ -133,8 +140,7 @@ class Study:
             values = self._run_generation(st, pending, budget, on_trial)
             if values is None:
                 return st
-            worst = max((-v for v in values if v is not None), default=0.0)
-            opt.tell(pending["genomes"], [-v if v is not None else worst + 1.0 for v in values])
+            opt.tell(pending["genomes"], _losses(values, len(st.directions)))
             st.set_user_attr(ATTR + "optimizer", opt.state())
             st.set_user_attr(ATTR + "generation", pending["generation"] + 1)
             st.set_user_attr(ATTR + "pending", None)
@@ -151,7 +157,7 @@ class Study:
         for index, genome in enumerate(pending["genomes"]):
             t = mine.get(index)
             if t is not None and t.state == TrialState.COMPLETE:
-                values.append(t.value)
+                values.append(t.values if self.multi_objective else t.value)
                 continue
             if t is not None and t.state == TrialState.FAIL:
                 values.append(None)
@@ -168,27 +174,39 @@ class Study:
         return values
 
     def _evaluate(self, st: optuna.Study, trial: optuna.trial.Trial, generation: int, index: int,
-                  genome: list[float]) -> float | None:
+                  genome: list[float]) -> float | list[float] | None:
         seed = self.cfg.seed * 1_000_003 + generation * 1_009 + index
         recipe = self.space.decode(genome, seed=seed)
         for k, v in {"generation": generation, "index": index, "genome": genome,
                      "recipe": recipe.to_dict()}.items():
             trial.set_user_attr(ATTR + k, v)
-        result = self.executor.evaluate(recipe)
+        result = self.executor.evaluate(recipe, "search", self.incumbent_stages(st))
         trial.set_user_attr(ATTR + "timings", result.timings)
         trial.set_user_attr(ATTR + "worker", self.executor.name)
         if result.score is None:
             trial.set_user_attr(ATTR + "error", result.error)
             st.tell(trial, state=TrialState.FAIL)
             return None
-        trial.set_user_attr(ATTR + "scores", result.score.per_task)
-        st.tell(trial, result.score.value)
-        return result.score.value
+        score = result.score
+        for k, v in {"scores": score.per_task, "value": score.value, "examples": score.examples,
+                     "full_fidelity": score.full, "stages": score.stages}.items():
+            trial.set_user_attr(ATTR + k, v)
+        told = [score.per_task[t.task] for t in self.cfg.fitness.tasks] if self.multi_objective else score.value
+        st.tell(trial, told)
+        return told
+
+    def incumbent_stages(self, st: optuna.Study) -> list[dict] | None:
+        """The racing record of the best full-fidelity trial so far (None without racing or before the first)."""
+        if self.cfg.fitness.racing is None:
+            return None
+        best = self.best_trial(st)
+        return best.user_attrs.get(ATTR + "stages") if best else None
 
     # ---------------------------------------------------------------- results
-    def best_trial(self) -> optuna.trial.FrozenTrial | None:
-        complete = [t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    def best_trial(self, st: optuna.Study | None = None) -> optuna.trial.FrozenTrial | None:
+        """The best trial scored on the whole search subset, by weighted fitness (also with several objectives)."""
+        ranked = ranked_trials(st or self.optuna)
+        return ranked[0] if ranked else None
 
     def best_recipe(self) -> Recipe | None:
         t = self.best_trial()
@@ -219,8 +237,32 @@ class Study:
         if uniform is not None:
             rows.append(self._row("best uniform " + self.cfg.merge.method, uniform[0], search=uniform[1]))
         if best is not None:
-            rows.append(self._row("evolved best", self.best_recipe(), search=best.value, trial=best.number))
+            top = self.final_eval()[0]
+            rows.append({"model": "evolved best", **{k: top[k] for k in ("test", "per_task", "search", "trial")},
+                         "recipe": best.user_attrs[ATTR + "recipe"]})
             st.set_user_attr(ATTR + "final", {"best_trial": best.number, "rows": rows})
+        return rows
+
+    def final_eval(self) -> list[dict]:
+        """The top-k trials (by search fitness, full fidelity only) re-scored on the test split.
+
+        Stored in the study attr `evomerge.final_eval`, apart from the trials' search scores; a trial already
+        scored is not scored again, so calling this after more trials only evaluates newcomers to the top-k.
+        """
+        st = self.optuna
+        top = ranked_trials(st)[: self.cfg.fitness.final_top_k]
+        done = {r["trial"]: r for r in (st.user_attrs.get(ATTR + "final_eval") or {}).get("rows", [])}
+        rows = []
+        for rank, t in enumerate(top, 1):
+            row = done.get(t.number)
+            if row is None:
+                result = self.executor.evaluate(Recipe.from_dict(t.user_attrs[ATTR + "recipe"]), "test")
+                row = {"trial": t.number, "search": trial_value(t),
+                       "test": None if result.score is None else result.score.value,
+                       "per_task": None if result.score is None else result.score.per_task,
+                       "splits": {x.task: x.test_split for x in self.cfg.fitness.tasks}, "error": result.error}
+            rows.append({**row, "rank": rank})
+        st.set_user_attr(ATTR + "final_eval", {"top_k": self.cfg.fitness.final_top_k, "rows": rows})
         return rows
 
     def _uniform_groups(self, weights: list[float]) -> dict:
@@ -244,12 +286,40 @@ class Study:
                 "search": search, "trial": trial, "recipe": recipe.to_dict()}
 
 
+def trial_value(t: optuna.trial.FrozenTrial) -> float:
+    """A trial's weighted search fitness, whatever the number of objectives the study has."""
+    return t.user_attrs.get(ATTR + "value", t.value if t.values and len(t.values) == 1 else math.nan)
+
+
+def ranked_trials(st: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete full-fidelity trials, best weighted search fitness first (racing's early stops left out: their
+    values are estimates on fewer examples)."""
+    complete = [t for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get(ATTR + "full_fidelity", True) and not math.isnan(trial_value(t))]
+    return sorted(complete, key=lambda t: (-trial_value(t), t.number))
+
+
 def _best_value(st: optuna.Study) -> float | None:
-    try:
-        v = st.best_value
-        return None if math.isnan(v) else v
-    except ValueError:
-        return None
+    ranked = ranked_trials(st)
+    return trial_value(ranked[0]) if ranked else None
+
+
+def _losses(values: list, objectives: int = 1) -> list:
+    """Optimizer losses (lower is better) from told values (higher is better); a failed candidate gets one worse
+    than the worst of its generation.  With several objectives each loss is a list, one entry per task."""
+    told = [v for v in values if v is not None]
+    if objectives > 1:
+        worst = [max((-v[i] for v in told), default=0.0) for i in range(objectives)]
+        return [[-x for x in v] if v is not None else [w + 1.0 for w in worst] for v in values]
+    worst = max((-v for v in told), default=0.0)
+    return [-v if v is not None else worst + 1.0 for v in values]
+
+
+def pareto_front(st: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The non-dominated trials of a multi-objective study (per-task search scores); empty for one objective."""
+    if len(st.directions) < 2:
+        return []
+    return sorted(st.best_trials, key=lambda t: t.number)
 
 
 def summarize(st: optuna.Study) -> dict:
@@ -257,13 +327,20 @@ def summarize(st: optuna.Study) -> dict:
     trials = st.get_trials(deepcopy=False)
     count = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
     best = None
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if complete:
-        b = max(complete, key=lambda t: (t.value, -t.number))
-        best = {"trial": b.number, "value": b.value, "scores": b.user_attrs.get(ATTR + "scores"),
+    ranked = ranked_trials(st)
+    if ranked:
+        b = ranked[0]
+        best = {"trial": b.number, "value": trial_value(b), "scores": b.user_attrs.get(ATTR + "scores"),
                 "recipe": b.user_attrs.get(ATTR + "recipe")}
     final = st.user_attrs.get(ATTR + "final")
+    final_eval = st.user_attrs.get(ATTR + "final_eval")
+    examples = [t.user_attrs.get(ATTR + "examples") for t in trials if t.state == TrialState.COMPLETE]
     return {"study": st.study_name, "trials": len(trials), **count, "best": best,
+            "examples": sum(e for e in examples if e), "raced_out": sum(
+                not t.user_attrs.get(ATTR + "full_fidelity", True) for t in trials if t.state == TrialState.COMPLETE),
+            "final_eval": final_eval["rows"] if final_eval else None,
+            "pareto_front": [{"trial": t.number, "scores": t.user_attrs.get(ATTR + "scores"), "value": trial_value(t)}
+                             for t in pareto_front(st)],
             "dimension": st.user_attrs.get(ATTR + "dimension"),
             "final_table": final["rows"] if final else None,
             "errors": [{"trial": t.number, "error": t.user_attrs.get(ATTR + "error")}

@@ -49,11 +49,11 @@ class FailingSecond:
     def worker(self):
         return self.inner.worker
 
-    def evaluate(self, recipe, split="search"):
+    def evaluate(self, recipe, split="search", incumbent=None):
         self.calls += 1
         if self.calls == 2:
             return TrialResult(None, {}, "FloatingPointError: task tiny_up: metric exact_match is NaN")
-        return self.inner.evaluate(recipe, split)
+        return self.inner.evaluate(recipe, split, incumbent)
 
 
 def test_a_failing_candidate_fails_its_trial_and_the_study_goes_on(study_file, executor):
