@@ -14,6 +14,7 @@ exactly what a plain evaluation costs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import math
@@ -62,6 +63,15 @@ PUBLIC_BENCHMARKS = frozenset({
 def _quiet_lm_eval() -> None:
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _memoize_lm_eval_templates() -> None:
+    """lm-eval compiles a task's Jinja templates again for every document and every call (about half of a tiny
+    candidate's fitness time); compiled templates are immutable, so compiling each one once is safe."""
+    from lm_eval import utils
+
+    if not hasattr(utils.env.from_string, "cache_info"):
+        utils.env.from_string = functools.lru_cache(maxsize=4096)(utils.env.from_string)
 
 
 def task_manager(config: FitnessConfig):
@@ -128,13 +138,16 @@ def check_contamination(config: FitnessConfig, manager) -> None:
 
 
 def stage_sizes(min_examples: int, factor: float, full: int) -> list[int]:
-    """Examples per task at each racing stage: min, min·f, min·f², ... and always `full` last."""
+    """Examples per task at each racing stage: min, min·f, min·f², ... and always `full` last.
+
+    A stage within a factor of √f of the full subset is skipped: it would save too little to pay for its check.
+    """
     sizes, n = [], float(min_examples)
-    while round(n) < full:
+    while n * math.sqrt(factor) <= full:
         if not sizes or round(n) > sizes[-1]:
             sizes.append(int(round(n)))
         n *= factor
-    return sizes + [full]
+    return sizes + [full] if not sizes or sizes[-1] < full else sizes
 
 
 def keep_racing(candidate: dict[str, float], incumbent: dict[str, float], weights: dict[str, float], n: int,
@@ -161,6 +174,7 @@ class Fitness:
         from lm_eval.models.huggingface import HFLM
 
         self.config, self.model, self.tokenizer, self.device, self.seed = config, model, tokenizer, device, seed
+        _memoize_lm_eval_templates()
         self.lm_tasks = [t for t in config.tasks if t.source == "lm-eval"]
         self.manager = task_manager(config) if self.lm_tasks else None
         if self.manager is not None:
@@ -377,3 +391,30 @@ def _import_callable(t: TaskConfig):
     if not callable(fn):
         raise FitnessError(f"fitness.tasks.{t.task}.function: {t.function!r} is not callable")
     return fn
+
+
+def check_tasks(config: FitnessConfig) -> list[str]:
+    """Offline checks of the fitness setup for ``run --check``: task names known to lm-eval, metric names declared
+    by the task YAMLs, contamination, callables importable.  Reads YAML only; datasets are not downloaded, so
+    split names of Hub datasets are not checked (the notes returned say so)."""
+    notes = []
+    manager = task_manager(config) if any(t.source == "lm-eval" for t in config.tasks) else None
+    if manager is not None:
+        check_contamination(config, manager)
+    for i, t in enumerate(config.tasks):
+        if t.source == "callable":
+            _import_callable(t)
+            notes.append(f"task {t.task}: callable {t.function} imports")
+        elif t.source == "perplexity":
+            notes.append(f"task {t.task}: perplexity text files exist")
+        else:
+            leaves = _leaf_configs(manager, t.task)
+            for leaf, cfg, _ in leaves:
+                declared = [m.get("metric") for m in cfg.get("metric_list", []) if isinstance(m, dict)]
+                if declared and t.metric not in declared and len(leaves) == 1:
+                    raise FitnessError(f"fitness.tasks.{i}.metric: task {leaf!r} declares metrics "
+                                       f"{', '.join(map(str, declared))}, not {t.metric!r}")
+            datasets = sorted({str(c.get("dataset_path")) for _, c, _ in leaves})
+            notes.append(f"task {t.task}: known to lm-eval ({len(leaves)} task(s), dataset {', '.join(datasets)}); "
+                         f"splits {t.search_split!r}/{t.test_split!r} not checked (the data is not downloaded)")
+    return notes
