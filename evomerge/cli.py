@@ -122,7 +122,7 @@ def run(
 def _check(study_file: Path) -> None:
     """Everything that can be checked without downloading models or data, and a list of what was not."""
     from .config import load_study
-    from .fitness import check_tasks
+    from .fitness import FitnessError, check_tasks
     from .io import check_compatible, inspect_model
 
     try:
@@ -132,6 +132,8 @@ def _check(study_file: Path) -> None:
         if len(local) == len(models):
             check_compatible([inspect_model(m) for m in local])
         notes = check_tasks(cfg.fitness)
+    except FitnessError as e:
+        _fail(ValueError(f"{study_file}: {e}"))
     except _user_errors() as e:
         _fail(e)
     out.print(f"[green]ok[/] {study_file}: fields, merge method, search space, optimizer, fitness tasks")

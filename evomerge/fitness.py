@@ -414,7 +414,7 @@ def check_tasks(config: FitnessConfig) -> list[str]:
                 if declared and t.metric not in declared and len(leaves) == 1:
                     raise FitnessError(f"fitness.tasks.{i}.metric: task {leaf!r} declares metrics "
                                        f"{', '.join(map(str, declared))}, not {t.metric!r}")
-            datasets = sorted({str(c.get("dataset_path")) for _, c, _ in leaves})
+            datasets = sorted({str(c.get("dataset_path") or "custom_dataset") for _, c, _ in leaves})
             notes.append(f"task {t.task}: known to lm-eval ({len(leaves)} task(s), dataset {', '.join(datasets)}); "
                          f"splits {t.search_split!r}/{t.test_split!r} not checked (the data is not downloaded)")
     return notes
