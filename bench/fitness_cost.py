@@ -4,7 +4,8 @@
 
 On the tiny zoo (experiments/tiny/study.yaml: TIES, ps-layerwise, 24 dimensions, 100 search examples per task), for
 each seed it runs three studies into a temporary SQLite DB: CMA-ES at full fidelity (`--budget` trials), CMA-ES with
-racing (`--race-budget` trials), and random search at full fidelity (`--budget` trials).
+racing (until its incumbent reaches the full run's best test score, or it has spent as many examples as the full run,
+or `--race-budget` trials), and random search at full fidelity (`--budget` trials).
 
 * **Racing ratio** (per seed).  T = the test score of the full-fidelity run's final best trial.  For a run, E(T) is
   the number of search examples evaluated (all trials, in order, up to and including the trial after which the
@@ -116,8 +117,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=150)
-    ap.add_argument("--race-budget", type=int, default=225)
+    ap.add_argument("--race-budget", type=int, default=450, help="most trials for the racing run")
+    ap.add_argument("--min-examples", type=int, default=RACING["min_examples"])
+    ap.add_argument("--reduction-factor", type=float, default=RACING["reduction_factor"])
+    ap.add_argument("--z", type=float, default=RACING["z"])
     args = ap.parse_args()
+    RACING.update(min_examples=args.min_examples, reduction_factor=args.reduction_factor, z=args.z)
+    print(f"racing: {RACING}")
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     t_start = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
@@ -128,11 +134,19 @@ def main() -> None:
     for seed in range(args.seeds):
         tests: dict = {}
         full = run_study(folder, f"full-{seed}", seed, "cmaes", False, args.budget, executors)
-        race = run_study(folder, f"race-{seed}", seed, "cmaes", True, args.race_budget, executors)
-        rand = run_study(folder, f"random-{seed}", seed, "random", False, args.budget, executors)
-        f, r, x = Run(full, executors[False], tests), Run(race, executors[False], tests), Run(rand, executors[False], tests)
+        f = Run(full, executors[False], tests)
         target = f.test_of(f.final_best())
-        e_full, e_race = f.examples_to_reach(target), r.examples_to_reach(target)
+        e_full = f.examples_to_reach(target)
+        race, trials = None, 0
+        while trials < args.race_budget:  # racing runs until it reaches T, or its trial budget is spent
+            trials = min(trials + 15, args.race_budget)
+            race = run_study(folder, f"race-{seed}", seed, "cmaes", True, trials, executors)
+            r = Run(race, executors[False], tests)
+            if r.examples_to_reach(target) is not None or r.total_examples() >= f.total_examples():
+                break
+        e_race = r.examples_to_reach(target)
+        rand = run_study(folder, f"random-{seed}", seed, "random", False, args.budget, executors)
+        x = Run(rand, executors[False], tests)
         ratio = None if e_race is None else e_race / e_full
         ratios.append(ratio)
         oh, mat = overhead(full)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import sqlite3
 from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from .config import StudyConfig
 from .executors import LocalExecutor, TrialResult
@@ -85,7 +88,7 @@ class Study:
         write cost ~25 ms each (over a third of a tiny candidate's time).  A killed process still loses nothing
         committed; only a power cut may lose the last trials, which the resume logic re-evaluates."""
         if self._storage is None:
-            self._storage = open_storage(self.storage_url)
+            self._storage = optuna.storages.RDBStorage(self.storage_url)
         return self._storage
 
     @property
@@ -161,13 +164,13 @@ class Study:
         g = pending["generation"]
         trials = st.get_trials(deepcopy=False)
         mine = {t.user_attrs.get(ATTR + "index"): t for t in trials if t.user_attrs.get(ATTR + "generation") == g}
-        stale = [t for t in trials if t.state == TrialState.RUNNING and ATTR + "generation" not in t.user_attrs]
+        stale = [t for t in trials if t.state == TrialState.RUNNING and ATTR + "index" not in t.user_attrs]
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
         values: list[float | None] = []
         for index, genome in enumerate(pending["genomes"]):
             t = mine.get(index)
             if t is not None and t.state == TrialState.COMPLETE:
-                values.append(t.values if self.multi_objective else t.value)
+                values.append(told_value(t))
                 continue
             if t is not None and t.state == TrialState.FAIL:
                 values.append(None)
@@ -201,9 +204,9 @@ class Study:
         for k, v in {"scores": score.per_task, "value": score.value, "examples": score.examples,
                      "full_fidelity": score.full, "stages": score.stages}.items():
             trial.set_user_attr(ATTR + k, v)
-        told = [score.per_task[t.task] for t in self.cfg.fitness.tasks] if self.multi_objective else score.value
-        st.tell(trial, told)
-        return told
+        values = [score.per_task[t.task] for t in self.cfg.fitness.tasks] if self.multi_objective else score.value
+        st.tell(trial, values)
+        return _for_optimizer(values, score.full, len(score.stages))
 
     def incumbent_stages(self, st: optuna.Study) -> list[dict] | None:
         """The racing record of the best full-fidelity trial so far (None without racing or before the first)."""
@@ -296,24 +299,30 @@ class Study:
                 "search": search, "trial": trial, "recipe": recipe.to_dict()}
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage | str:
-    """Optuna RDB storage for a URL; SQLite connections get WAL journaling and synchronous=NORMAL."""
-    from sqlalchemy import event
-    from sqlalchemy.engine import make_url
-
-    if make_url(url).get_backend_name() != "sqlite":
-        return url
-    storage = optuna.storages.RDBStorage(url)
-
-    @event.listens_for(storage.engine, "connect")
-    def _pragmas(conn, _record) -> None:
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(conn, _record) -> None:
+    """Every SQLite study DB in WAL mode with normal sync, set before its tables are created (see Study.storage)."""
+    if isinstance(conn, sqlite3.Connection):
         cur = conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
-    storage.engine.dispose()
-    return storage
+
+RACED_OUT = 100.0
+
+
+def _for_optimizer(values: float | list[float], full: bool, stages: int) -> float | list[float]:
+    """What the optimizer is told: a trial stopped by racing ranks below every trial that ran more stages (the
+    successive-halving order), then by its estimate; its stored value stays the estimate.  The optimizers are
+    rank-based, so the offset changes no ranking among full-fidelity trials."""
+    return values if full else values - RACED_OUT + stages
+
+
+def told_value(t: optuna.trial.FrozenTrial) -> float | list[float]:
+    """`_for_optimizer` for a stored trial (a resumed generation)."""
+    values = t.values if len(t.values) > 1 else t.value
+    return _for_optimizer(values, t.user_attrs.get(ATTR + "full_fidelity", True), len(t.user_attrs.get(ATTR + "stages") or []))
 
 
 def trial_value(t: optuna.trial.FrozenTrial) -> float:
