@@ -86,10 +86,14 @@ def run(
     study_file: Path = typer.Argument(..., help="study YAML"),
     budget: Optional[int] = typer.Option(None, "--budget", min=1, help="number of trials (overrides the file)"),
     storage: Optional[str] = StorageOpt,
+    check: bool = typer.Option(False, "--check", help="validate the study file offline (no download, no DB) and exit"),
 ) -> None:
     """Run (or resume) a study until its budget of trials is reached, then print the test-split table."""
-    from .study import Study
+    from .study import Study, trial_value
 
+    if check:
+        _check(study_file)
+        return
     cfg = _load(study_file)
     study = None
     try:
@@ -120,11 +124,40 @@ def run(
             study.executor.close()
             _fail(e)
         finished = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
-        bar.update(task, completed=min(finished, total), best=_fmt(study.best_trial().value if study.best_trial() else None))
+        best = study.best_trial()
+        bar.update(task, completed=min(finished, total), best=_fmt(trial_value(best) if best else None))
     try:
         _print_table(study.final_table())
+        _print_final_eval(study.final_eval())
     finally:
         study.executor.close()
+
+
+def _check(study_file: Path) -> None:
+    """Everything that can be checked without downloading models or data, and a list of what was not."""
+    from .config import load_study
+    from .fitness import FitnessError, check_tasks
+    from .io import check_compatible, inspect_model
+
+    try:
+        cfg = load_study(study_file, download=False)
+        models = [m for m in [cfg.models.base, *cfg.models.parents] if m]
+        local = [m for m in models if Path(m).is_dir()]
+        if len(local) == len(models):
+            check_compatible([inspect_model(m) for m in local])
+        notes = check_tasks(cfg.fitness)
+    except FitnessError as e:
+        _fail(ValueError(f"{study_file}: {e}"))
+    except _user_errors() as e:
+        _fail(e)
+    out.print(f"[green]ok[/] {study_file}: fields, merge method, search space, optimizer, fitness tasks")
+    hub = [m for m in models if m not in local]
+    for m in local:
+        out.print(f"  model {m}: local directory")
+    for m in hub:
+        out.print(f"  model {m}: Hub id, syntax only (existence, architecture and tokenizer not checked offline)")
+    for n in notes:
+        out.print(f"  {n}")
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -166,26 +199,84 @@ def status(
         out.print(f"best trial {s['best']['trial']}: {s['best']['value']:.4f} {s['best']['scores']}")
     for e in s["errors"][:5]:
         out.print(f"[yellow]trial {e['trial']} failed:[/] {e['error']}")
+    if s["examples"]:
+        out.print(f"examples evaluated on the search split: {s['examples']} ({s['raced_out']} trials stopped early by racing)")
+    if s["pareto_front"]:
+        _print_pareto(s["pareto_front"])
     if s["final_table"]:
         _print_table(s["final_table"])
+    if s["final_eval"]:
+        _print_final_eval(s["final_eval"])
+
+
+def _print_pareto(front: list[dict]) -> None:
+    table = Table(title="Pareto front (search split, one objective per task)")
+    table.add_column("trial", justify="right")
+    tasks = sorted({k for r in front for k in (r.get("scores") or {})})
+    for k in tasks:
+        table.add_column(k, justify="right")
+    table.add_column("weighted", justify="right")
+    for r in front:
+        table.add_row(str(r["trial"]), *[_fmt((r["scores"] or {}).get(k)) for k in tasks], _fmt(r["value"]))
+    out.print(table)
+
+
+def _print_final_eval(rows: list[dict]) -> None:
+    table = Table(title="final evaluation: top trials re-scored on the test split")
+    for c in ("rank", "trial", "search", "test"):
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(str(r["rank"]), str(r["trial"]), _fmt(r["search"]), _fmt(r["test"]))
+    out.print(table)
 
 
 @app.command()
 def export(
     study_file: Path = typer.Argument(..., help="study YAML"),
-    output: Path = typer.Option(..., "-o", "--output", help="recipe YAML to write"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="recipe YAML to write"),
+    pareto: Optional[Path] = typer.Option(None, "--pareto", help="folder: one recipe YAML per Pareto-front member"),
     storage: Optional[str] = StorageOpt,
 ) -> None:
-    """Write the best trial's recipe as a standalone recipe YAML (for `evomerge merge`)."""
+    """Write the best trial's recipe as a standalone recipe YAML (for `evomerge merge`), or the Pareto front."""
+    from .recipe import Recipe
+    from .study import ATTR, pareto_front, trial_value
+
+    if (output is None) == (pareto is None):
+        _fail(ValueError("give exactly one of -o/--output FILE or --pareto DIR"))
     study = _open_study(study_file, storage)
-    recipe = study.best_recipe()
-    if recipe is None:
+    final = {r["trial"]: r for r in (study.optuna.user_attrs.get(ATTR + "final_eval") or {}).get("rows", [])}
+    if pareto is not None:
+        front = pareto_front(study.optuna)
+        if not front:
+            _fail(ValueError(f"{study_file}: study {study.cfg.study!r} has no Pareto front "
+                             "(it needs optimizer nsga2 and at least one completed trial)"))
+        for t in front:
+            path = pareto / f"trial-{t.number:05d}.yaml"
+            _write_recipe(Recipe.from_dict(t.user_attrs[ATTR + "recipe"]), path, t, final.get(t.number))
+        out.print(f"wrote {len(front)} recipes to {pareto} (Pareto front on {', '.join(t.task for t in study.cfg.fitness.tasks)})")
+        return
+    best = study.best_trial()
+    if best is None:
         _fail(ValueError(f"{study_file}: study {study.cfg.study!r} has no completed trial yet"))
+    _write_recipe(study.best_recipe(), output, best, final.get(best.number))
+    test = final.get(best.number, {}).get("test")
+    out.print(f"wrote {output} (trial {best.number}, search score {trial_value(best):.4f}"
+              + (f", test score {test:.4f})" if test is not None else ", no final evaluation yet)"))
+
+
+def _write_recipe(recipe, path: Path, trial, final: Optional[dict]) -> None:
+    """The recipe YAML, headed by comment lines with the trial's search and (when run) final test scores."""
+    from .study import ATTR, trial_value
+
     try:
-        recipe.save(output)
+        recipe.save(path)
+        lines = [f"# trial {trial.number}: search score {trial_value(trial):.4f} "
+                 f"{json.dumps(trial.user_attrs.get(ATTR + 'scores'))}"]
+        if final and final.get("test") is not None:
+            lines.append(f"# final evaluation (test split): {final['test']:.4f} {json.dumps(final['per_task'])}")
+        path.write_text("\n".join(lines) + "\n" + path.read_text())
     except OSError as e:
-        _fail(ValueError(f"{output}: cannot write the recipe ({e.strerror})"))
-    out.print(f"wrote {output} (trial {study.best_trial().number}, search score {study.best_trial().value:.4f})")
+        _fail(ValueError(f"{path}: cannot write the recipe ({e.strerror})"))
 
 
 @app.command()

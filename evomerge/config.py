@@ -6,6 +6,7 @@ path); the study may override any preset field.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,17 +102,44 @@ class SearchSpaceConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["cmaes", "catcma"] = "cmaes"
+    name: Literal["cmaes", "catcma", "random", "tpe", "nsga2"] = Field(
+        "cmaes", description="nsga2 searches one objective per fitness task (a Pareto front) instead of their weighted mean")
     sigma0: float = Field(1 / 6, gt=0)
     popsize: int | None = Field(None, ge=2)
 
 
 class TaskConfig(_Strict):
-    task: str = Field(..., description="lm-eval task name (from fitness.include_path or lm-eval's own)")
+    """One fitness task: an lm-eval task (default), perplexity on local text files, or a Python callable."""
+
+    task: str = Field(..., description="lm-eval task name (from fitness.include_path or lm-eval's own); "
+                                       "for other sources, the name the scores are stored under")
+    source: Literal["lm-eval", "perplexity", "callable"] = "lm-eval"
     metric: str = "exact_match"
     weight: float = Field(1.0, ge=0)
-    search_split: str = "search"
-    test_split: str = "test"
+    search_split: str = Field("search", description="lm-eval split, or the text file (perplexity) the search reads")
+    test_split: str = Field("test", description="lm-eval split, or the text file (perplexity) the final eval reads")
+    function: str | None = Field(None, description="source callable: `module:function`, "
+                                                   "called as function(model, tokenizer, split) -> float")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> TaskConfig:
+        if self.search_split == self.test_split:
+            raise ValueError(f"search_split and test_split are both {self.search_split!r}: the final evaluation "
+                             "must score data the search never read")
+        if self.source == "callable" and not (self.function and re.fullmatch(r"[\w.]+:\w+", self.function)):
+            raise ValueError("source callable needs `function: module:function`")
+        if self.source != "callable" and self.function:
+            raise ValueError(f"`function` is only for source callable (this task's source is {self.source})")
+        return self
+
+
+class RacingConfig(_Strict):
+    """Multi-fidelity racing: a candidate is scored on nested stratified subsets of the search split and stops as
+    soon as it provably cannot beat the incumbent (successive-halving stages, confidence-bound elimination)."""
+
+    min_examples: int = Field(10, ge=1, description="examples per task every candidate is scored on, at least")
+    reduction_factor: float = Field(3.0, gt=1, description="each stage has this many times the previous examples")
+    z: float = Field(1.0, ge=0, description="width of the confidence bound, in standard errors")
 
 
 class FitnessConfig(_Strict):
@@ -119,6 +147,10 @@ class FitnessConfig(_Strict):
     include_path: list[str] = Field(default_factory=list, description="folders of lm-eval task YAMLs")
     batch_size: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1, description="examples per task and split (None: all)")
+    racing: RacingConfig | None = Field(None, description="multi-fidelity racing on the search split (off: None)")
+    final_top_k: int = Field(3, ge=1, description="best trials re-scored on the test split after the search")
+    allow_test_split_search: bool = Field(
+        False, description="let a search split be a public benchmark's test split (contaminates the final number)")
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -179,6 +211,15 @@ class StudyConfig(_Strict):
     baselines: BaselineConfig = BaselineConfig()
     executor: ExecutorConfig = ExecutorConfig()
     _path: Path = PrivateAttr(default_factory=Path)
+
+    @model_validator(mode="after")
+    def _objectives(self) -> StudyConfig:
+        if self.optimizer.name == "nsga2":
+            if len(self.fitness.tasks) < 2:
+                raise ValueError("optimizer nsga2 searches one objective per fitness task: give at least two tasks")
+            if self.fitness.racing is not None:
+                raise ValueError("fitness.racing needs one incumbent to race against; with nsga2 set it to null")
+        return self
 
     @model_validator(mode="after")
     def _base_when_needed(self) -> StudyConfig:
@@ -251,8 +292,38 @@ def _load_preset(study_path: Path, raw: Any) -> dict:
     return {**data, **raw}
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Parse and validate a study file; model paths come back absolute, and must exist."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """A Hub model's local snapshot (downloaded once into the HF cache); weights as safetensors, never pickles."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"])
+
+
+def _model_path(study: Path, field: str, p: str, download: bool) -> str:
+    """A local model directory (relative to the study file), or a Hub id `org/name` that must not clash with one."""
+    local = _resolve(study.parent, p)
+    if Path(local).is_dir():
+        return local
+    if not _HUB_ID.match(p):
+        raise ConfigError(study, field, f"model directory {local} does not exist (and {p!r} is not a Hub id org/name)")
+    if not download:
+        return p
+    try:
+        return _hub_snapshot(p)
+    except Exception as e:  # noqa: BLE001 - hub errors are many; the user needs the id and the reason
+        raise ConfigError(study, field, f"Hub model {p!r} is neither a local directory nor downloadable "
+                                        f"({type(e).__name__}: {e}); set HF_HUB_OFFLINE=0 to allow downloads") from None
+
+
+def load_study(path: str | Path, download: bool = True) -> StudyConfig:
+    """Parse and validate a study file; model paths come back absolute and existing.
+
+    Models given as Hub ids are fetched into the HF cache; with `download=False` (``run --check``) they are only
+    checked for syntax and left as ids.
+    """
     path = Path(path)
     data = _read_yaml(path)
     if "search_space" in data:
@@ -263,11 +334,15 @@ def load_study(path: str | Path) -> StudyConfig:
         _raise_first(path, err)
     d = path.parent
     if cfg.models.base:
-        cfg.models.base = _resolve(d, cfg.models.base)
-    cfg.models.parents = [_resolve(d, p) for p in cfg.models.parents]
-    for field, p in [("models.base", cfg.models.base)] + [(f"models.parents.{i}", p) for i, p in enumerate(cfg.models.parents)]:
-        if p is not None and not Path(p).is_dir():
-            raise ConfigError(path, field, f"model directory {p} does not exist")
+        cfg.models.base = _model_path(path, "models.base", cfg.models.base, download)
+    cfg.models.parents = [_model_path(path, f"models.parents.{i}", p, download) for i, p in enumerate(cfg.models.parents)]
+    for i, t in enumerate(cfg.fitness.tasks):
+        if t.source == "perplexity":
+            for split in ("search_split", "test_split"):
+                f = _resolve(d, getattr(t, split))
+                if not Path(f).is_file():
+                    raise ConfigError(path, f"fitness.tasks.{i}.{split}", f"text file {f} does not exist")
+                setattr(t, split, f)
     cfg.fitness.include_path = [_resolve(d, p) for p in cfg.fitness.include_path]
     for i, p in enumerate(cfg.fitness.include_path):
         if not Path(p).is_dir():

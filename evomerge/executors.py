@@ -32,6 +32,8 @@ class ExecutorError(ValueError):
 
 @dataclass
 class TrialResult:
+    """One evaluation's outcome; `score.examples`, `score.stages` and `score.full` say how much racing spent."""
+
     score: Score | None
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -55,10 +57,13 @@ class Worker:
             self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.merge.dtype)
             model = self.dataflow.model
         tokenizer = AutoTokenizer.from_pretrained(cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
-        self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device))
+        self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device), seed=cfg.seed)
 
-    def evaluate(self, recipe: Recipe, split: str = "search") -> TrialResult:
-        """Never raises for a bad candidate: the error comes back in the result so only its trial fails."""
+    def evaluate(self, recipe: Recipe, split: str = "search", incumbent: list[dict] | None = None) -> TrialResult:
+        """Never raises for a bad candidate: the error comes back in the result so only its trial fails.
+
+        `incumbent` (the best trial's racing stages) lets racing stop a candidate that cannot beat it.
+        """
         t0 = time.perf_counter()
         try:
             if recipe.path is not None:
@@ -66,9 +71,9 @@ class Worker:
             else:
                 self.materializer.materialize(recipe)
             t1 = time.perf_counter()
-            score = self.fitness.score(split)
+            score = self.fitness.score(split, incumbent)
             t2 = time.perf_counter()
-            return TrialResult(score, {"materialize_s": t1 - t0, "fitness_s": t2 - t1})
+            return TrialResult(score, {"materialize_s": t1 - t0, "fitness_s": t2 - t1, "forward_s": score.forward_s})
         except (RuntimeError, ValueError, FloatingPointError, torch.cuda.OutOfMemoryError) as e:
             gc.collect()
             if self.device.type == "cuda":

@@ -1,30 +1,63 @@
-"""Fitness through lm-eval: tasks built once per worker, the resident model wrapped once, weighted scores.
+"""Fitness: lm-eval tasks built once per worker, perplexity on local text, or a user callable; weighted scores.
 
 `lm_eval.evaluator.evaluate` is called with prebuilt task objects (not `simple_evaluate`, which rebuilds everything
 per call) and an `HFLM` around the in-memory model; lm-eval's response cache is never used, since answers would
 leak between candidates that share one model object.
+
+Racing (multi-fidelity): with ``fitness.racing`` set, a candidate is scored on nested subsets of each task's search
+examples (a fixed per-task permutation, so every task is represented in the same proportion at every stage), each
+stage ``reduction_factor`` times larger than the last, starting at ``min_examples`` per task.  After each stage its
+score is compared with the incumbent's on exactly the same examples; it stops when even its upper confidence bound
+falls below the incumbent's.  Only new examples are scored at each stage, so a candidate that runs to the end costs
+exactly what a plain evaluation costs.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from .config import FitnessConfig
+from .config import FitnessConfig, TaskConfig
 
 
 class FitnessError(ValueError):
-    """The fitness setup cannot work (unknown task, missing split, unknown metric)."""
+    """The fitness setup cannot work (unknown task, missing split, unknown metric, contaminated search split)."""
 
 
 @dataclass
 class Score:
-    """Weighted fitness plus the per-task metric values it came from."""
+    """Weighted fitness plus the per-task metric values it came from.
+
+    `examples` counts the examples scored (all tasks); `stages` records, per racing stage, the examples per task
+    and the cumulative per-task scores; `full` is False when racing stopped the candidate before the last stage
+    (its value is then an estimate on fewer examples, already below the incumbent's); `forward_s` is the time
+    spent inside the model's forward passes.
+    """
 
     value: float
     per_task: dict[str, float]
+    examples: int = 0
+    stages: list[dict] = field(default_factory=list)
+    full: bool = True
+    forward_s: float = 0.0
+
+
+# Public benchmarks whose configured test split is the benchmark's held-out test set (Hub dataset ids, as lm-eval's
+# own task YAMLs name them).  Every task that ships inside lm-eval counts as a public benchmark too.
+PUBLIC_BENCHMARKS = frozenset({
+    "gsm8k", "openai/gsm8k", "cais/mmlu", "hails/mmlu_no_train", "allenai/ai2_arc", "ai2_arc", "Rowan/hellaswag",
+    "hellaswag", "winogrande", "allenai/winogrande", "truthful_qa", "truthfulqa/truthful_qa", "juletxara/mgsm",
+    "EleutherAI/hendrycks_math", "hendrycks/competition_math", "openai/openai_humaneval", "google-research-datasets/mbpp",
+    "TIGER-Lab/MMLU-Pro", "Idavidrein/gpqa", "lukaemon/bbh", "piqa", "ybisk/piqa", "boolq", "google/boolq",
+    "openbookqa", "allenai/openbookqa", "super_glue", "glue", "lambada", "EleutherAI/lambada_openai",
+})
 
 
 def _quiet_lm_eval() -> None:
@@ -32,56 +65,203 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _memoize_lm_eval_templates() -> None:
+    """lm-eval compiles a task's Jinja templates again for every document and every call (about half of a tiny
+    candidate's fitness time); compiled templates are immutable, so compiling each one once is safe."""
+    from lm_eval import utils
+
+    if not hasattr(utils.env.from_string, "cache_info"):
+        utils.env.from_string = functools.lru_cache(maxsize=4096)(utils.env.from_string)
+
+
+def task_manager(config: FitnessConfig):
+    """An lm-eval TaskManager over the study's include_path, plus lm-eval's own tasks only when some task needs them
+    (indexing lm-eval's built-in tasks costs ~15 s)."""
+    _quiet_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=config.include_path, include_defaults=False).all_tasks if config.include_path else []
+    needs_defaults = any(t.task not in local for t in config.tasks if t.source == "lm-eval")
+    manager = TaskManager(include_path=config.include_path or None, include_defaults=needs_defaults)
+    unknown = [t.task for t in config.tasks if t.source == "lm-eval" and t.task not in manager.all_tasks]
+    if unknown:
+        raise FitnessError(
+            f"fitness.tasks: lm-eval does not know task {unknown[0]!r}; "
+            f"tasks under fitness.include_path: {', '.join(sorted(local)) or 'none'}"
+        )
+    return manager
+
+
+def _leaf_configs(manager, name: str, depth: int = 0) -> list[tuple[str, dict, bool]]:
+    """(task, raw YAML config, ships with lm-eval) for a task, or for every task under a group or tag; reads YAML
+    only (no dataset download, no code from the task's `!function`s run)."""
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index.get(name)
+    if entry is None or depth > 4:
+        return []
+    cfg = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else dict(entry.cfg or {})
+    builtin = bool(entry.yaml_path) and Path(lm_eval.__file__).parent in Path(entry.yaml_path).resolve().parents
+    children = cfg.get("task") if isinstance(cfg.get("task"), list) else None
+    if children is None and entry.kind.name == "TAG":
+        children = [k for k, e in manager.task_index.items() if name in e.tags]
+    if children is not None:
+        out = []
+        for c in children:
+            out += _leaf_configs(manager, c if isinstance(c, str) else c.get("task", ""), depth + 1)
+        return out
+    return [(name, cfg, builtin)]
+
+
+def check_contamination(config: FitnessConfig, manager) -> None:
+    """Refuse a search split that is a public benchmark's own test split, unless the study allows it.
+
+    A search that reads a benchmark's test set overfits it: the final number then no longer measures anything.
+    """
+    if config.allow_test_split_search:
+        return
+    for i, t in enumerate(config.tasks):
+        if t.source != "lm-eval":
+            continue
+        for leaf, cfg, builtin in _leaf_configs(manager, t.task):
+            dataset = cfg.get("dataset_path")
+            public = builtin or dataset in PUBLIC_BENCHMARKS
+            if public and t.search_split == cfg.get("test_split", "test"):
+                raise FitnessError(
+                    f"fitness.tasks.{i}.search_split: {t.search_split!r} is the test split of the public benchmark "
+                    f"{leaf!r} (dataset {dataset}); a search that reads a benchmark's test set makes its final score "
+                    f"meaningless (contamination). Search on its training or validation split instead "
+                    f"(e.g. search_split: {cfg.get('training_split') or cfg.get('validation_split') or 'train'}), "
+                    f"or set fitness.allow_test_split_search: true to accept this knowingly"
+                )
+
+
+def stage_sizes(min_examples: int, factor: float, full: int) -> list[int]:
+    """Examples per task at each racing stage: min, min·f, min·f², ... and always `full` last.
+
+    A stage within a factor of √f of the full subset is skipped: it would save too little to pay for its check.
+    """
+    sizes, n = [], float(min_examples)
+    while n * math.sqrt(factor) <= full:
+        if not sizes or round(n) > sizes[-1]:
+            sizes.append(int(round(n)))
+        n *= factor
+    return sizes + [full] if not sizes or sizes[-1] < full else sizes
+
+
+def keep_racing(candidate: dict[str, float], incumbent: dict[str, float], weights: dict[str, float], n: int,
+                z: float) -> bool:
+    """Whether a candidate may still beat the incumbent, both scored on the same `n` examples per task.
+
+    The bound uses p(1-p)/n per task and model as the variance of a mean of scores in [0, 1] (the largest a bounded
+    metric with that mean can have), summed over both models as if independent: conservative, so a candidate is
+    dropped only when it is clearly worse.
+    """
+    total = sum(weights.values()) or 1.0
+    diff = sum(weights[k] * (candidate[k] - incumbent[k]) for k in weights) / total
+    var = 0.0
+    for k, w in weights.items():
+        c, i = (min(max(x, 0.0), 1.0) for x in (candidate[k], incumbent[k]))
+        var += (w / total) ** 2 * (c * (1 - c) + i * (1 - i)) / n
+    return diff + z * math.sqrt(var) >= 0.0
+
+
 class Fitness:
     """Scores whatever weights the wrapped model holds right now, on the search or the test split."""
 
-    def __init__(self, config: FitnessConfig, model, tokenizer, device: str):
-        _quiet_lm_eval()
+    def __init__(self, config: FitnessConfig, model, tokenizer, device: str, seed: int = 0):
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
-        self.config = config
-        local = TaskManager(include_path=config.include_path, include_defaults=False).all_tasks if config.include_path else []
-        # indexing lm-eval's built-in tasks costs ~15 s: only do it when some task is not local
-        needs_defaults = any(t.task not in local for t in config.tasks)
-        self.manager = TaskManager(include_path=config.include_path or None, include_defaults=needs_defaults)
-        unknown = [t.task for t in config.tasks if t.task not in self.manager.all_tasks]
-        if unknown:
-            raise FitnessError(
-                f"fitness.tasks: lm-eval does not know task {unknown[0]!r}; "
-                f"tasks under fitness.include_path: {', '.join(sorted(local)) or 'none'}"
-            )
+        self.config, self.model, self.tokenizer, self.device, self.seed = config, model, tokenizer, device, seed
+        _memoize_lm_eval_templates()
+        self.lm_tasks = [t for t in config.tasks if t.source == "lm-eval"]
+        self.manager = task_manager(config) if self.lm_tasks else None
+        if self.manager is not None:
+            check_contamination(config, self.manager)
+        self.callables = {t.task: _import_callable(t) for t in config.tasks if t.source == "callable"}
         self._tasks: dict[str, dict] = {}
+        self._order: dict[str, list[int]] | None = None
+        self._texts: dict[str, list] = {}
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=device)
+        self.forward_s = 0.0
+        self._time_forward()
+
+    def _time_forward(self) -> None:
+        """Count time spent in the model's forward passes, so per-candidate overhead can be measured apart."""
+        for name in ("_model_call", "_model_generate"):
+            inner = getattr(self.lm, name)
+
+            def timed(*a, _inner=inner, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _inner(*a, **kw)
+                finally:
+                    self.forward_s += time.perf_counter() - t0
+
+            setattr(self.lm, name, timed)
 
     def tasks(self, split: str) -> dict:
-        """The task dict for one split ('search' or 'test'), built on first use and reused for every candidate."""
+        """The lm-eval task dict for one split ('search' or 'test'), built on first use and reused after."""
         if split not in self._tasks:
-            loaded = self.manager.load([t.task for t in self.config.tasks])
-            for t in self.config.tasks:
-                task = loaded["tasks"][t.task]
+            loaded = self.manager.load([t.task for t in self.lm_tasks])
+            for t in self.lm_tasks:
+                task = loaded["tasks"].get(t.task)
+                leaves = [task] if task is not None else [
+                    loaded["tasks"][c] for c in _flatten(loaded.get("group_map", {}), t.task) if c in loaded["tasks"]]
                 name = t.search_split if split == "search" else t.test_split
-                if name not in task.dataset:
-                    raise FitnessError(
-                        f"fitness.tasks.{t.task}.{split}_split: split {name!r} not in the data; "
-                        f"available: {', '.join(task.dataset)}"
-                    )
-                task.config.test_split = name
+                for leaf in leaves:
+                    if name not in leaf.dataset:
+                        raise FitnessError(
+                            f"fitness.tasks.{t.task}.{split}_split: split {name!r} not in the data; "
+                            f"available: {', '.join(leaf.dataset)}"
+                        )
+                    leaf.config.test_split = name
             self._tasks[split] = loaded
         return self._tasks[split]
 
-    def score(self, split: str = "search") -> Score:
-        """Evaluate the model as it is now; NaN metrics raise, so a broken candidate fails its trial."""
+    # ---------------------------------------------------------------- scoring
+    def score(self, split: str = "search", incumbent: list[dict] | None = None) -> Score:
+        """Evaluate the model as it is now; NaN metrics raise, so a broken candidate fails its trial.
+
+        `incumbent` is the best full-fidelity trial's `stages` record; with racing on, the candidate is raced
+        against it on the search split.  The test split is always scored in full.
+        """
+        if split not in ("search", "test"):
+            raise ValueError(f"split must be 'search' or 'test', not {split!r}")
+        f0 = self.forward_s
+        if self.config.racing is not None and split == "search" and self.lm_tasks:
+            score = self._race(incumbent)
+        else:
+            per_task, examples = self._lm_eval(split, limit=self.config.limit) if self.lm_tasks else ({}, 0)
+            other, n = self._other(split)
+            per_task.update(other)
+            score = Score(self._weighted(per_task), per_task, examples + n)
+        score.forward_s = self.forward_s - f0
+        return score
+
+    def _weighted(self, per_task: dict[str, float]) -> float:
+        total = sum(t.weight for t in self.config.tasks) or 1.0
+        return sum(t.weight * per_task[t.task] for t in self.config.tasks) / total
+
+    def _lm_eval(self, split: str, limit: int | None = None,
+                 samples: dict[str, list[int]] | None = None) -> tuple[dict[str, float], int]:
         from lm_eval.evaluator import evaluate
 
-        tasks = self.tasks(split)
+        loaded = self.tasks(split)
+        if samples is not None:
+            loaded = {"tasks": {k: loaded["tasks"][k] for k in samples}, "groups": {}}
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):  # lm-eval's per-call progress bars
-            results = evaluate(
-                self.lm, tasks, limit=self.config.limit, cache_requests=False, bootstrap_iters=0,
+            out = evaluate(
+                self.lm, loaded, limit=limit, samples=samples, cache_requests=False, bootstrap_iters=0,
                 log_samples=False, verbosity="ERROR",
-            )["results"]
+            )
+        results = out["results"]
+        examples = sum(v.get("effective", v.get("original", 0)) for v in out.get("n-samples", {}).values())
         per_task: dict[str, float] = {}
-        for t in self.config.tasks:
+        for t in self.lm_tasks:
+            if t.task not in results:
+                continue
             metrics = results[t.task]
             key = next((k for k in metrics if k.split(",")[0] == t.metric), None)
             if key is None:
@@ -91,6 +271,150 @@ class Fitness:
             if math.isnan(value):
                 raise FloatingPointError(f"task {t.task}: metric {t.metric} is NaN")
             per_task[t.task] = value
-        total = sum(t.weight for t in self.config.tasks) or 1.0
-        value = sum(t.weight * per_task[t.task] for t in self.config.tasks) / total
-        return Score(value=value, per_task=per_task)
+        return per_task, examples
+
+    def _other(self, split: str) -> tuple[dict[str, float], int]:
+        """Perplexity and callable tasks (never raced: their cost is their own)."""
+        per_task, examples = {}, 0
+        for t in self.config.tasks:
+            if t.source == "perplexity":
+                per_task[t.task], n = self._inverse_perplexity(t.search_split if split == "search" else t.test_split)
+                examples += n
+            elif t.source == "callable":
+                value = float(self.callables[t.task](self.model, self.tokenizer, split))
+                if math.isnan(value):
+                    raise FloatingPointError(f"task {t.task}: {t.function} returned NaN")
+                per_task[t.task] = value
+        return per_task, examples
+
+    def _inverse_perplexity(self, path: str) -> tuple[float, int]:
+        """1 / perplexity of the model on a text file (one document per non-empty line): in (0, 1], higher is
+        better, so it weighs against accuracy-like metrics without a sign flip."""
+        import torch
+
+        if path not in self._texts:
+            lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+            self._texts[path] = [self.tokenizer(ln, return_tensors="pt").input_ids[0] for ln in lines]
+        nll, tokens = 0.0, 0
+        with torch.no_grad():
+            for ids in self._texts[path]:
+                if len(ids) < 2:
+                    continue
+                ids = ids[: self.lm.max_length].to(self.model.device).unsqueeze(0)
+                t0 = time.perf_counter()
+                logits = self.model(ids).logits.float()
+                self.forward_s += time.perf_counter() - t0
+                nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+                tokens += ids.shape[1] - 1
+        if tokens == 0:
+            raise FitnessError(f"{path}: no line with two or more tokens to compute perplexity on")
+        mean = nll / tokens
+        if math.isnan(mean):
+            raise FloatingPointError(f"perplexity on {path} is NaN")
+        return math.exp(-mean), len(self._texts[path])
+
+    # ---------------------------------------------------------------- racing
+    def _stage_order(self) -> dict[str, list[int]]:
+        """Per task, a fixed permutation of its search examples (within `limit`); stages are its prefixes."""
+        if self._order is None:
+            loaded = self.tasks("search")
+            self._order = {}
+            for t in self.lm_tasks:
+                task = loaded["tasks"].get(t.task)
+                if task is None:
+                    raise FitnessError(f"fitness.racing: task {t.task!r} is a group; racing needs single tasks")
+                from lm_eval.api.metrics import mean
+
+                if task.aggregation().get(t.metric) is not mean:
+                    raise FitnessError(f"fitness.racing: {t.task}.{t.metric} is not averaged over examples, so "
+                                       "scores on subsets do not add up; turn racing off for this study")
+                n = len(task.eval_docs)
+                n = min(n, self.config.limit) if self.config.limit else n
+                order = list(range(n))
+                random.Random(f"{self.seed}:{t.task}").shuffle(order)
+                self._order[t.task] = order
+        return self._order
+
+    def _race(self, incumbent: list[dict] | None) -> Score:
+        rc = self.config.racing
+        order = self._stage_order()
+        sizes = {k: stage_sizes(rc.min_examples, rc.reduction_factor, len(v)) for k, v in order.items()}
+        n_stages = max(len(s) for s in sizes.values())
+        weights = {t.task: t.weight for t in self.lm_tasks}
+        done = {k: 0 for k in order}
+        per_task: dict[str, float] = {}
+        stages: list[dict] = []
+        examples = 0
+        for s in range(n_stages):
+            target = {k: v[min(s, len(v) - 1)] for k, v in sizes.items()}
+            samples = {k: order[k][done[k]:target[k]] for k in order if target[k] > done[k]}
+            new, n = self._lm_eval("search", samples=samples)
+            examples += n
+            for k in samples:
+                prev = per_task.get(k, 0.0) * done[k]
+                per_task[k] = (prev + new[k] * (target[k] - done[k])) / target[k]
+            done = target
+            stages.append({"examples": dict(done), "per_task": dict(per_task)})
+            last = s == n_stages - 1
+            inc = _stage_like(incumbent, done)
+            if not last and inc is not None and not keep_racing(per_task, inc, weights, min(done.values()), rc.z):
+                break
+        full = all(done[k] == len(order[k]) for k in order)
+        other, n = self._other("search")
+        per_task.update(other)
+        return Score(self._weighted(per_task), per_task, examples + n, stages, full)
+
+
+def _stage_like(incumbent: list[dict] | None, examples: dict[str, int]) -> dict[str, float] | None:
+    """The incumbent's per-task scores on exactly these examples per task, if it recorded that stage."""
+    for st in incumbent or []:
+        if st["examples"] == examples:
+            return st["per_task"]
+    return None
+
+
+def _flatten(group_map: dict, name: str) -> list[str]:
+    out = []
+    for c in group_map.get(name, []):
+        out += _flatten(group_map, c) if c in group_map else [c]
+    return out
+
+
+def _import_callable(t: TaskConfig):
+    """`module:function` from the study file, imported once; the study file is trusted code, like lm-eval's
+    `!function` task hooks."""
+    module, _, name = t.function.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise FitnessError(f"fitness.tasks.{t.task}.function: cannot import {t.function!r} ({e})") from None
+    if not callable(fn):
+        raise FitnessError(f"fitness.tasks.{t.task}.function: {t.function!r} is not callable")
+    return fn
+
+
+def check_tasks(config: FitnessConfig) -> list[str]:
+    """Offline checks of the fitness setup for ``run --check``: task names known to lm-eval, metric names declared
+    by the task YAMLs, contamination, callables importable.  Reads YAML only; datasets are not downloaded, so
+    split names of Hub datasets are not checked (the notes returned say so)."""
+    notes = []
+    manager = task_manager(config) if any(t.source == "lm-eval" for t in config.tasks) else None
+    if manager is not None:
+        check_contamination(config, manager)
+    for i, t in enumerate(config.tasks):
+        if t.source == "callable":
+            _import_callable(t)
+            notes.append(f"task {t.task}: callable {t.function} imports")
+        elif t.source == "perplexity":
+            notes.append(f"task {t.task}: perplexity text files exist")
+        else:
+            leaves = _leaf_configs(manager, t.task)
+            for leaf, cfg, _ in leaves:
+                declared = [m.get("metric") for m in cfg.get("metric_list", []) if isinstance(m, dict)]
+                if declared and t.metric not in declared and len(leaves) == 1:
+                    raise FitnessError(f"fitness.tasks.{i}.metric: task {leaf!r} declares metrics "
+                                       f"{', '.join(map(str, declared))}, not {t.metric!r}")
+            datasets = sorted({str(c.get("dataset_path") or "custom_dataset") for _, c, _ in leaves})
+            notes.append(f"task {t.task}: known to lm-eval ({len(leaves)} task(s), dataset {', '.join(datasets)}); "
+                         f"splits {t.search_split!r}/{t.test_split!r} not checked (the data is not downloaded)")
+    return notes

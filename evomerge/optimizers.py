@@ -160,26 +160,106 @@ class CatCMA(Optimizer):
             solutions.append(((x, c), loss))
         self.es.tell(solutions)
 
+class OptunaSampler(Optimizer):
+    """An Optuna sampler behind ask/tell: a private in-memory Optuna study holds the history.
+
+    The study pickles with the optimizer (so `state()` persists it like pycma's state), and a fresh sampler seeded
+    from (seed, generation) is installed before each ask, so a resumed study proposes what an uninterrupted one
+    would have.  With several objectives, `tell` takes one list of losses per genome (lower is better each).
+    """
+
+    def __init__(self, dimension: int, seed: int, popsize: int, objectives: int = 1):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.dimension, self.seed, self.popsize, self.objectives = dimension, seed, popsize, objectives
+        self.study = optuna.create_study(directions=["minimize"] * objectives, sampler=self._sampler(seed))
+        self._asked: list = []
+
+    @abc.abstractmethod
+    def _sampler(self, seed: int): ...
+
+    def _distributions(self) -> dict:
+        from optuna.distributions import FloatDistribution
+
+        return {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(self.dimension)}
+
+    def ask(self, generation: int) -> list[list[float]]:
+        self.study.sampler = self._sampler((self.seed * 1_000_003 + generation) % 2**31)
+        dists = self._distributions()
+        self._asked = [self.study.ask(dists) for _ in range(self.popsize)]
+        return [[float(t.params[f"x{i}"]) for i in range(self.dimension)] for t in self._asked]
+
+    def tell(self, genomes: list[list[float]], losses: list) -> None:
+        if len(genomes) != len(self._asked):
+            raise ValueError(f"told {len(genomes)} genomes for {len(self._asked)} asked")
+        for trial, loss in zip(self._asked, losses):
+            self.study.tell(trial, loss)
+        self._asked = []
+
+
+class RandomSearch(OptunaSampler):
+    """Uniform random genomes: the baseline every other optimizer has to beat at equal budget."""
+
+    def _sampler(self, seed: int):
+        import optuna
+
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+class TPE(OptunaSampler):
+    """Optuna's TPE; `constant_liar` keeps a generation asked in one go from collapsing onto one point."""
+
+    def _sampler(self, seed: int):
+        import optuna
+
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
+                                          n_startup_trials=max(10, self.popsize))
+
+
+class NSGA2(OptunaSampler):
+    """Optuna's NSGA-II over one objective per fitness task; the study keeps its Pareto front."""
+
+    def _sampler(self, seed: int):
+        import optuna
+
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.popsize)
+
+
 
 def _cmaes(*, dimension: int, categories: list[int], seed: int, sigma0: float, popsize: int | None,
-           x0: list[float] | None) -> Optimizer:
+           x0: list[float] | None, objectives: int) -> Optimizer:
     return CMAES(dimension, seed=seed, sigma0=sigma0, popsize=popsize, x0=x0)
 
 
 def _catcma(*, dimension: int, categories: list[int], seed: int, sigma0: float, popsize: int | None,
-            x0: list[float] | None) -> Optimizer:
+            x0: list[float] | None, objectives: int) -> Optimizer:
     return CatCMA(categories, seed=seed, sigma0=sigma0, popsize=popsize, x0=x0)
+
+
+def _sampler(cls: type[OptunaSampler]) -> Callable[..., Optimizer]:
+    """Optuna samplers take CMA-ES's default population size, so budgets compare generation for generation."""
+    def make(*, dimension: int, categories: list[int], seed: int, sigma0: float, popsize: int | None,
+             x0: list[float] | None, objectives: int) -> Optimizer:
+        pop = popsize or 4 + int(3 * np.log(dimension))
+        return cls(dimension, seed, pop, objectives) if cls is NSGA2 else cls(dimension, seed, pop)
+    return make
 
 
 # optimizer.name in study.yaml -> factory.  `cmaes` on a data-flow space is the published encoding (a continuous
 # include indicator per slot, included when >= 0.5 in the unit cube); `catcma` treats those choices as categorical.
-OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {"cmaes": _cmaes, "catcma": _catcma}
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "cmaes": _cmaes, "catcma": _catcma,
+    "random": _sampler(RandomSearch), "tpe": _sampler(TPE), "nsga2": _sampler(NSGA2),
+}
+MULTI_OBJECTIVE = {"nsga2"}
 
 
 def create_optimizer(name: str, *, dimension: int, categories: list[int] | None = None, seed: int = 0,
-                     sigma0: float = 1 / 6, popsize: int | None = None, x0: list[float] | None = None) -> Optimizer:
+                     sigma0: float = 1 / 6, popsize: int | None = None, x0: list[float] | None = None,
+                     objectives: int = 1) -> Optimizer:
     """A fresh optimizer by its study.yaml name (a resumed study unpickles its stored one instead)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name](dimension=dimension, categories=categories or [0] * dimension, seed=seed, sigma0=sigma0,
-                            popsize=popsize, x0=x0)
+                            popsize=popsize, x0=x0, objectives=objectives)

@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import socket
+import sqlite3
 import threading
 import time
 import warnings
@@ -22,12 +23,13 @@ import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
-from sqlalchemy.engine import make_url
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
 
 from .config import ConfigError, StudyConfig, check_storage_url
 from .executors import Executor, TrialResult, make_executor
 from .io import inspect_model
-from .optimizers import Optimizer, create_optimizer
+from .optimizers import MULTI_OBJECTIVE, Optimizer, create_optimizer
 from .recipe import Recipe
 from .spaces import DataflowSpace, ParameterSpace, Range, SearchSpace
 
@@ -187,9 +189,15 @@ class Study:
             self._optuna = optuna.load_study(study_name=self.cfg.study, storage=self.storage)
         return self._optuna
 
+    @property
+    def multi_objective(self) -> bool:
+        """One objective per fitness task (NSGA-II) instead of their weighted mean."""
+        return self.cfg.optimizer.name in MULTI_OBJECTIVE
+
     def _open_or_create(self) -> optuna.Study:
         self.check_compatible()
-        st = optuna.create_study(study_name=self.cfg.study, storage=self.storage, direction="maximize",
+        n = len(self.cfg.fitness.tasks) if self.multi_objective else 1
+        st = optuna.create_study(study_name=self.cfg.study, storage=self.storage, directions=["maximize"] * n,
                                  load_if_exists=True)
         if ATTR + "signature" not in st.user_attrs:
             st.set_user_attr(ATTR + "signature", _signature(self.cfg, self.space))
@@ -217,7 +225,8 @@ class Study:
         o = self.cfg.optimizer
         try:
             return create_optimizer(o.name, dimension=self.space.dimension, categories=self.space.categories(),
-                                    seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize, x0=self.space.x0())
+                                    seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize, x0=self.space.x0(),
+                                    objectives=len(self.cfg.fitness.tasks))
         except ValueError as e:
             raise ConfigError(self.cfg.path, "optimizer.name", str(e)) from None
 
@@ -290,9 +299,8 @@ class Study:
             g = pending["generation"]
             mine = {t.user_attrs[ATTR + "index"]: t for t in trials if t.user_attrs.get(ATTR + "generation") == g}
             if len(mine) == len(pending["genomes"]) and all(t.state.is_finished() for t in mine.values()):
-                values = [mine[i].value if mine[i].state == TrialState.COMPLETE else None for i in range(len(mine))]
-                worst = max((-v for v in values if v is not None), default=0.0)
-                opt.tell(pending["genomes"], [-v if v is not None else worst + 1.0 for v in values])
+                values = [told_value(mine[i]) if mine[i].state == TrialState.COMPLETE else None for i in range(len(mine))]
+                opt.tell(pending["genomes"], _losses(values, len(st.directions)))
                 st.set_user_attr(ATTR + "optimizer", opt.state())
                 st.set_user_attr(ATTR + "generation", g + 1)
                 st.set_user_attr(ATTR + "pending", None)
@@ -330,7 +338,7 @@ class Study:
         trial.set_user_attr(ATTR + "recipe", recipe.to_dict())
         trial.set_user_attr(ATTR + "runner", self.runner)
         held[t._trial_id] = trial
-        self.executor.submit(t._trial_id, recipe, "search")
+        self.executor.submit(t._trial_id, recipe, "search", incumbent=self.incumbent_stages(st))
         return True
 
     def _record(self, st: optuna.Study, trial: optuna.trial.Trial, result: TrialResult) -> None:
@@ -344,18 +352,30 @@ class Study:
                 trial.set_user_attr(ATTR + "error", result.error)
                 st.tell(trial, state=TrialState.FAIL)
             else:
-                trial.set_user_attr(ATTR + "scores", result.score.per_task)
-                st.tell(trial, result.score.value)
+                score = result.score
+                for k, v in {"scores": score.per_task, "value": score.value, "examples": score.examples,
+                             "full_fidelity": score.full, "stages": score.stages}.items():
+                    trial.set_user_attr(ATTR + k, v)
+                st.tell(trial, [score.per_task[t.task] for t in self.cfg.fitness.tasks] if self.multi_objective
+                        else score.value)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
             if not self.storage.get_trial(trial._trial_id).state.is_finished():
                 raise
             optuna.logging.get_logger("evomerge").warning("trial %d was finished by another runner: %s",
                                                           trial.number, e)
 
+    def incumbent_stages(self, st: optuna.Study) -> list[dict] | None:
+        """The racing record of the best full-fidelity trial so far (None without racing or before the first)."""
+        if self.cfg.fitness.racing is None:
+            return None
+        best = self.best_trial(st)
+        return best.user_attrs.get(ATTR + "stages") if best else None
+
     # ---------------------------------------------------------------- results
-    def best_trial(self) -> optuna.trial.FrozenTrial | None:
-        complete = [t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    def best_trial(self, st: optuna.Study | None = None) -> optuna.trial.FrozenTrial | None:
+        """The best trial scored on the whole search subset, by weighted fitness (also with several objectives)."""
+        ranked = ranked_trials(st or self.optuna)
+        return ranked[0] if ranked else None
 
     def best_recipe(self) -> Recipe | None:
         t = self.best_trial()
@@ -365,8 +385,9 @@ class Study:
         """Test-split scores of base, each parent, the best uniform merge and the evolved best; computed once.
 
         Data-flow studies have no uniform merge: their rows are base (if set), model A and each parent run as their
-        own unscaled paths, and the evolved best.  The uniform baseline is the study's method with one weight and density everywhere, the best of a small
-        grid chosen on the search split, exactly like the evolved best.
+        own unscaled paths, and the evolved best.  The uniform baseline is the study's method with one weight and
+        density everywhere, the best of a small grid chosen on the search split, exactly like the evolved best.  The
+        evolved best is rank 1 of the final evaluation.
         """
         st = self.optuna
         cached = st.user_attrs.get(ATTR + "final")
@@ -375,7 +396,9 @@ class Study:
             return cached["rows"]
         rows = self._dataflow_rows() if self.space.kind != "ps" else self._ps_rows()
         if best is not None:
-            rows.append(self._row("evolved best", self.best_recipe(), search=best.value, trial=best.number))
+            top = self.final_eval()[0]
+            rows.append({"model": "evolved best", **{k: top[k] for k in ("test", "per_task", "search", "trial")},
+                         "recipe": best.user_attrs[ATTR + "recipe"]})
             st.set_user_attr(ATTR + "final", {"best_trial": best.number, "rows": rows})
         return rows
 
@@ -403,6 +426,28 @@ class Study:
         uniform = self._best_uniform()
         if uniform is not None:
             rows.append(self._row("best uniform " + self.cfg.merge.method, uniform[0], search=uniform[1]))
+        return rows
+
+    def final_eval(self) -> list[dict]:
+        """The top-k trials (by search fitness, full fidelity only) re-scored on the test split.
+
+        Stored in the study attr `evomerge.final_eval`, apart from the trials' search scores; a trial already
+        scored is not scored again, so calling this after more trials only evaluates newcomers to the top-k.
+        """
+        st = self.optuna
+        top = ranked_trials(st)[: self.cfg.fitness.final_top_k]
+        done = {r["trial"]: r for r in (st.user_attrs.get(ATTR + "final_eval") or {}).get("rows", [])}
+        rows = []
+        for rank, t in enumerate(top, 1):
+            row = done.get(t.number)
+            if row is None:
+                result = self.executor.evaluate(Recipe.from_dict(t.user_attrs[ATTR + "recipe"]), "test")
+                row = {"trial": t.number, "search": trial_value(t),
+                       "test": None if result.score is None else result.score.value,
+                       "per_task": None if result.score is None else result.score.per_task,
+                       "splits": {x.task: x.test_split for x in self.cfg.fitness.tasks}, "error": result.error}
+            rows.append({**row, "rank": rank})
+        st.set_user_attr(ATTR + "final_eval", {"top_k": self.cfg.fitness.final_top_k, "rows": rows})
         return rows
 
     def _uniform_groups(self, weights: list[float]) -> dict:
@@ -455,12 +500,68 @@ def _masked(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(conn, _record) -> None:
+    """Every SQLite study DB in WAL mode with normal sync, set before its tables are created: a trial writes a dozen
+    attrs, and a full fsync per write cost ~25 ms each (over a third of a tiny candidate's time).  A killed process
+    still loses nothing committed; only a power cut may lose the last trials, which the resume logic re-evaluates."""
+    if isinstance(conn, sqlite3.Connection):
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+
+RACED_OUT = 100.0
+
+
+def _for_optimizer(values: float | list[float], full: bool, stages: int) -> float | list[float]:
+    """What the optimizer is told: a trial stopped by racing ranks below every trial that ran more stages (the
+    successive-halving order), then by its estimate; its stored value stays the estimate.  The optimizers are
+    rank-based, so the offset changes no ranking among full-fidelity trials."""
+    return values if full else values - RACED_OUT + stages
+
+
+def told_value(t: optuna.trial.FrozenTrial) -> float | list[float]:
+    """`_for_optimizer` for a stored trial (a resumed generation)."""
+    values = t.values if len(t.values) > 1 else t.value
+    return _for_optimizer(values, t.user_attrs.get(ATTR + "full_fidelity", True), len(t.user_attrs.get(ATTR + "stages") or []))
+
+
+def trial_value(t: optuna.trial.FrozenTrial) -> float:
+    """A trial's weighted search fitness, whatever the number of objectives the study has."""
+    return t.user_attrs.get(ATTR + "value", t.value if t.values and len(t.values) == 1 else math.nan)
+
+
+def ranked_trials(st: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete full-fidelity trials, best weighted search fitness first (racing's early stops left out: their
+    values are estimates on fewer examples)."""
+    complete = [t for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get(ATTR + "full_fidelity", True) and not math.isnan(trial_value(t))]
+    return sorted(complete, key=lambda t: (-trial_value(t), t.number))
+
+
 def _best_value(st: optuna.Study) -> float | None:
-    try:
-        v = st.best_value
-        return None if math.isnan(v) else v
-    except ValueError:
-        return None
+    ranked = ranked_trials(st)
+    return trial_value(ranked[0]) if ranked else None
+
+
+def _losses(values: list, objectives: int = 1) -> list:
+    """Optimizer losses (lower is better) from told values (higher is better); a failed candidate gets one worse
+    than the worst of its generation.  With several objectives each loss is a list, one entry per task."""
+    told = [v for v in values if v is not None]
+    if objectives > 1:
+        worst = [max((-v[i] for v in told), default=0.0) for i in range(objectives)]
+        return [[-x for x in v] if v is not None else [w + 1.0 for w in worst] for v in values]
+    worst = max((-v for v in told), default=0.0)
+    return [-v if v is not None else worst + 1.0 for v in values]
+
+
+def pareto_front(st: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The non-dominated trials of a multi-objective study (per-task search scores); empty for one objective."""
+    if len(st.directions) < 2:
+        return []
+    return sorted(st.best_trials, key=lambda t: t.number)
 
 
 def summarize(st: optuna.Study) -> dict:
@@ -468,13 +569,20 @@ def summarize(st: optuna.Study) -> dict:
     trials = st.get_trials(deepcopy=False)
     count = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)}
     best = None
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if complete:
-        b = max(complete, key=lambda t: (t.value, -t.number))
-        best = {"trial": b.number, "value": b.value, "scores": b.user_attrs.get(ATTR + "scores"),
+    ranked = ranked_trials(st)
+    if ranked:
+        b = ranked[0]
+        best = {"trial": b.number, "value": trial_value(b), "scores": b.user_attrs.get(ATTR + "scores"),
                 "recipe": b.user_attrs.get(ATTR + "recipe")}
     final = st.user_attrs.get(ATTR + "final")
+    final_eval = st.user_attrs.get(ATTR + "final_eval")
+    examples = [t.user_attrs.get(ATTR + "examples") for t in trials if t.state == TrialState.COMPLETE]
     return {"study": st.study_name, "trials": len(trials), **count, "best": best,
+            "examples": sum(e for e in examples if e), "raced_out": sum(
+                not t.user_attrs.get(ATTR + "full_fidelity", True) for t in trials if t.state == TrialState.COMPLETE),
+            "final_eval": final_eval["rows"] if final_eval else None,
+            "pareto_front": [{"trial": t.number, "scores": t.user_attrs.get(ATTR + "scores"), "value": trial_value(t)}
+                             for t in pareto_front(st)],
             "dimension": st.user_attrs.get(ATTR + "dimension"),
             "final_table": final["rows"] if final else None,
             "errors": [{"trial": t.number, "error": t.user_attrs.get(ATTR + "error")}
