@@ -30,6 +30,10 @@ class StudyMismatch(ValueError):
     """The study name already exists in the storage with another search space or models."""
 
 
+class StorageError(ValueError):
+    """The storage URL cannot be opened (wrong password, unknown host or role, missing driver); password masked."""
+
+
 def build_space(cfg: StudyConfig) -> ParameterSpace:
     """The study's search space; reads only model headers."""
     num_layers = inspect_model(cfg.models.base or cfg.models.parents[0]).num_layers
@@ -68,6 +72,7 @@ class Study:
     def exists(self) -> bool:
         """Whether the study is in the storage; never creates a SQLite file just to find out."""
         from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import SQLAlchemyError
 
         url = make_url(self.storage_url)
         if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
@@ -77,6 +82,11 @@ class Study:
             return True
         except KeyError:
             return False
+        except (SQLAlchemyError, ImportError) as e:
+            reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+            if url.password:
+                reason = reason.replace(str(url.password), "***")
+            raise StorageError(f"cannot open {url.render_as_string(hide_password=True)} ({reason})") from None
 
     @property
     def optuna(self) -> optuna.Study:
@@ -106,37 +116,45 @@ class Study:
                     "use a new study name (or another storage) for a changed setup"
                 )
 
-    def _optimizer(self, st: optuna.Study) -> Optimizer:
-        text = st.user_attrs.get(ATTR + "optimizer")
-        if text:
-            return Optimizer.from_state(text)
+    def _checkpoint(self, st: optuna.Study) -> tuple[Optimizer, int, bool]:
+        """The optimizer, the generation it is at, and whether it has already asked for that generation's genomes.
+
+        These three travel in one attribute (one SQL write), so a kill between any two writes can never pair an
+        optimizer state with the wrong generation: a resumed study re-proposes exactly what an uninterrupted one would.
+        """
+        ckpt = st.user_attrs.get(ATTR + "optimizer")
+        if ckpt:
+            return Optimizer.from_state(ckpt["state"]), ckpt["generation"], ckpt["asked"]
         o = self.cfg.optimizer
-        return CMAES(self.space.dimension, seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize)
+        return CMAES(self.space.dimension, seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize), 0, False
+
+    @staticmethod
+    def _save_checkpoint(st: optuna.Study, opt: Optimizer, generation: int, asked: bool) -> None:
+        st.set_user_attr(ATTR + "optimizer", {"generation": generation, "asked": asked, "state": opt.state()})
 
     # ---------------------------------------------------------------- the loop
     def run(self, budget: int | None = None, on_trial: Callable[[Progress], None] | None = None) -> optuna.Study:
         """Evaluate candidates until `budget` trials have finished (COMPLETE or FAIL); safe to call again."""
         budget = budget or self.cfg.budget
         st = self._open_or_create()
-        opt = self._optimizer(st)
+        opt, generation, asked = self._checkpoint(st)
         while True:
             trials = st.get_trials(deepcopy=False)
             finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
             if len(finished) >= budget:
                 return st
-            pending = st.user_attrs.get(ATTR + "pending")
-            if pending is None:
-                generation = st.user_attrs.get(ATTR + "generation", 0)
-                pending = {"generation": generation, "genomes": opt.ask(generation)}
-                st.set_user_attr(ATTR + "optimizer", opt.state())
-                st.set_user_attr(ATTR + "pending", pending)
+            if not asked:  # asking is deterministic (seeded per generation), so a kill before the save re-asks the same
+                st.set_user_attr(ATTR + "pending", {"generation": generation, "genomes": opt.ask(generation)})
+                self._save_checkpoint(st, opt, generation, asked=True)
+            pending = st.user_attrs[ATTR + "pending"]
             values = self._run_generation(st, pending, budget, on_trial)
             if values is None:
                 return st
             worst = max((-v for v in values if v is not None), default=0.0)
             opt.tell(pending["genomes"], [-v if v is not None else worst + 1.0 for v in values])
-            st.set_user_attr(ATTR + "optimizer", opt.state())
-            st.set_user_attr(ATTR + "generation", pending["generation"] + 1)
+            generation, asked = generation + 1, False
+            self._save_checkpoint(st, opt, generation, asked)
+            st.set_user_attr(ATTR + "generation", generation)
             st.set_user_attr(ATTR + "pending", None)
 
     def _run_generation(self, st: optuna.Study, pending: dict, budget: int,
@@ -144,8 +162,11 @@ class Study:
         """Evaluate the generation's unfinished candidates; None when the budget ran out part-way."""
         g = pending["generation"]
         trials = st.get_trials(deepcopy=False)
-        mine = {t.user_attrs.get(ATTR + "index"): t for t in trials if t.user_attrs.get(ATTR + "generation") == g}
-        stale = [t for t in trials if t.state == TrialState.RUNNING and ATTR + "generation" not in t.user_attrs]
+        mine = {t.user_attrs[ATTR + "index"]: t for t in trials
+                if t.user_attrs.get(ATTR + "generation") == g and ATTR + "index" in t.user_attrs}
+        # a trial killed before its generation and index were both stored belongs to no candidate: take it over
+        stale = [t for t in trials if t.state == TrialState.RUNNING
+                 and not (ATTR + "generation" in t.user_attrs and ATTR + "index" in t.user_attrs)]
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
         values: list[float | None] = []
         for index, genome in enumerate(pending["genomes"]):
