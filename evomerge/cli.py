@@ -42,12 +42,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str] = None) -> None:
     """Print a user error and exit 2; errors found past the study file get its name and field in front."""
     from .fitness import FitnessError
-    from .study import StorageError
+    from .merge import RecipeMismatch
+    from .study import StorageError, StudyMismatch
 
     msg = str(e)
     if isinstance(e, StorageError):
         msg = f"{'--storage' if storage else f'{study_file}: storage'}: {msg}"
-    elif isinstance(e, FitnessError) and study_file:
+    elif isinstance(e, (FitnessError, StudyMismatch, RecipeMismatch)) and study_file:
         msg = f"{study_file}: {msg}"
     err.print(Text.assemble(("error: ", "bold red"), msg), highlight=False, soft_wrap=True)  # msg is not markup
     raise typer.Exit(2)
@@ -218,7 +219,7 @@ def merge(
         recipe = load_recipe(recipe_file)
         write_model(recipe, out_dir, pick_device(device))
     except _user_errors() as e:
-        _fail(e)
+        _fail(e, recipe_file)
     except OSError as e:
         _fail(ValueError(f"{out_dir}: cannot write the model ({e.strerror})"))
     out.print(f"wrote {out_dir}")

@@ -50,6 +50,18 @@ class CMAES(Optimizer):
     def popsize(self) -> int:
         return int(self.es.popsize)
 
+    def __setstate__(self, state: dict) -> None:
+        """pycma files its proposals under hash(bytes), which Python salts per process: re-file them under this
+        process's hashes, or a resumed `tell` would miss its own proposals and update the distribution differently."""
+        self.__dict__.update(state)
+        sent = self.es.sent_solutions
+        if not hasattr(sent, "_unhashed_keys"):
+            return
+        new = {old: sent.key(x) for old, x in sent._unhashed_keys.items()}
+        sent.data = {new.get(k, k): v for k, v in sent.data.items()}
+        sent.data_with_same_key = {new.get(k, k): v for k, v in sent.data_with_same_key.items()}
+        sent._unhashed_keys = {new[k]: x for k, x in sent._unhashed_keys.items()}
+
     def ask(self, generation: int) -> list[list[float]]:
         np.random.seed((self.seed * 1_000_003 + generation) % 2**32)
         return [list(map(float, x)) for x in self.es.ask()]

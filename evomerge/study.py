@@ -129,8 +129,13 @@ class Study:
         return CMAES(self.space.dimension, seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize), 0, False
 
     @staticmethod
-    def _save_checkpoint(st: optuna.Study, opt: Optimizer, generation: int, asked: bool) -> None:
-        st.set_user_attr(ATTR + "optimizer", {"generation": generation, "asked": asked, "state": opt.state()})
+    def _save_checkpoint(st: optuna.Study, opt: Optimizer, generation: int, asked: bool) -> Optimizer:
+        """Store the checkpoint and go on from the stored copy, never the live object: pycma's state after a
+        pickle round trip proposes other genomes than the object it was taken from, and a resumed controller only
+        ever has the round-tripped one."""
+        text = opt.state()
+        st.set_user_attr(ATTR + "optimizer", {"generation": generation, "asked": asked, "state": text})
+        return Optimizer.from_state(text)
 
     # ---------------------------------------------------------------- the loop
     def run(self, budget: int | None = None, on_trial: Callable[[Progress], None] | None = None) -> optuna.Study:
@@ -145,7 +150,7 @@ class Study:
                 return st
             if not asked:  # asking is deterministic (seeded per generation), so a kill before the save re-asks the same
                 st.set_user_attr(ATTR + "pending", {"generation": generation, "genomes": opt.ask(generation)})
-                self._save_checkpoint(st, opt, generation, asked=True)
+                opt, asked = self._save_checkpoint(st, opt, generation, asked=True), True
             pending = st.user_attrs[ATTR + "pending"]
             values = self._run_generation(st, pending, budget, on_trial)
             if values is None:
@@ -153,7 +158,7 @@ class Study:
             worst = max((-v for v in values if v is not None), default=0.0)
             opt.tell(pending["genomes"], [-v if v is not None else worst + 1.0 for v in values])
             generation, asked = generation + 1, False
-            self._save_checkpoint(st, opt, generation, asked)
+            opt = self._save_checkpoint(st, opt, generation, asked)
             st.set_user_attr(ATTR + "generation", generation)
             st.set_user_attr(ATTR + "pending", None)
 

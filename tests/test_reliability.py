@@ -2,9 +2,8 @@
 unsafe is loaded or leaked.  Real subprocesses, real SIGKILL, real SQLite, the real tiny zoo and lm-eval."""
 from __future__ import annotations
 
-import gc
+import json
 import math
-import pickle
 import random
 import shutil
 import signal
@@ -63,11 +62,13 @@ def history(study_file: Path) -> list[tuple]:
 
 
 def test_a_study_killed_at_ten_random_points_resumes_into_the_uninterrupted_study(tmp_path, evomerge_cmd):
-    reference = small_study(tmp_path / "reference" if (tmp_path / "reference").mkdir() is None else None)
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "killed").mkdir()
+    reference = small_study(tmp_path / "reference")
     r = run(evomerge_cmd, "run", reference)
     assert r.returncode == 0, r.stderr
 
-    killed = small_study(tmp_path / "killed" if (tmp_path / "killed").mkdir() is None else None)
+    killed = small_study(tmp_path / "killed")
     db = killed.parent / "tiny-ps.db"
     rng = random.Random(20240607)
     targets = sorted(rng.sample(range(BUDGET - 1), 10))  # kill once at least this many trials have finished ...
@@ -95,19 +96,20 @@ def test_a_study_killed_at_ten_random_points_resumes_into_the_uninterrupted_stud
         assert c.execute("select count(*) from trials").fetchone()[0] == BUDGET, "a killed trial was duplicated"
 
 
-# ---------------------------------------------------------------------------------------------- candidate failures
+# ------------------------------------------------------------------------------------------ candidate failures
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory):
     return LocalExecutor(load_study(small_study(tmp_path_factory.mktemp("ex"))))
 
 
-class Poisoned:
-    """The real executor, with one candidate's recipe poisoned so that the real merge and model break on it."""
+class NaNWeightForSecond:
+    """The real executor; the second candidate's recipe gets a NaN merge weight, which the real merge and forward
+    pass turn into NaN logits."""
 
     name = "local"
 
-    def __init__(self, inner: LocalExecutor, poison):
-        self.inner, self.poison, self.calls = inner, poison, 0
+    def __init__(self, inner: LocalExecutor):
+        self.inner, self.calls = inner, 0
 
     @property
     def worker(self):
@@ -116,53 +118,205 @@ class Poisoned:
     def evaluate(self, recipe, split="search"):
         self.calls += 1
         if self.calls == 2:
-            self.poison(recipe)
+            recipe.groups["layers.1"]["weight"] = [math.nan, 0.5]
         return self.inner.evaluate(recipe, split)
 
 
-def _nan_weight(recipe) -> None:
-    recipe.groups["layers.1"]["weight"] = [float("nan"), 0.5]
-
-
-def run_with(study_file: Path, executor, budget: int = 6) -> optuna.Study:
-    return Study(load_study(study_file), executor=executor).run(budget)
-
-
-def test_nan_weights_give_nan_logits_and_fail_only_their_trial(tmp_path, executor):
-    st = run_with(small_study(tmp_path), Poisoned(executor, _nan_weight))
+def test_nan_logits_fail_only_their_trial_with_the_reason(tmp_path, executor):
+    st = Study(load_study(small_study(tmp_path)), executor=NaNWeightForSecond(executor)).run(6)
     states = [t.state for t in st.get_trials()]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 5
     failed = next(t for t in st.get_trials() if t.state == TrialState.FAIL)
-    assert failed.user_attrs[ATTR + "recipe"]["groups"]["layers.1"]["weight"][0] != failed.user_attrs[ATTR + "recipe"]["groups"]["layers.1"]["weight"][0]
-    assert "NaN" in failed.user_attrs[ATTR + "error"]
+    assert "logits are not finite" in failed.user_attrs[ATTR + "error"]
 
 
-def test_the_model_is_whole_again_after_a_nan_candidate(executor):
+def test_after_a_nan_candidate_the_next_candidate_scores_as_if_it_never_happened(executor):
     space = Study(executor.cfg, executor=executor).space
-    before = executor.evaluate(space.uniform(0.5, 0.5)).score.value
-    bad = space.uniform(0.5, 0.5)
-    _nan_weight(bad)
-    assert executor.evaluate(bad).score is None
-    assert executor.evaluate(space.uniform(0.5, 0.5)).score.value == before
+    before = executor.evaluate(space.uniform(0.5, 0.5))
+    poisoned = space.uniform(0.5, 0.5)
+    poisoned.groups["embed"]["weight"] = [math.inf, 0.5]
+    assert executor.evaluate(poisoned).score is None
+    after = executor.evaluate(space.uniform(0.5, 0.5))
+    assert after.score.value == before.score.value and after.score.per_task == before.score.per_task
 
 
-class RaisingTask:
-    """A fitness that raises inside lm-eval's evaluation, the way a broken task or metric would."""
+BOOM_TASK = """
+task: tiny_boom
+custom_dataset: !function _data.load_up
+test_split: search
+output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 10, do_sample: false}
+process_results: !function boom.process_results
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+metadata: {version: 1.0}
+"""
 
 
-def test_an_exception_inside_fitness_fails_the_trial_with_its_reason(tmp_path, executor, monkeypatch):
-    fitness = executor.worker.fitness
-    real = fitness.score
-    calls = {"n": 0}
+def test_an_exception_inside_fitness_fails_each_trial_with_its_reason_and_the_study_finishes(tmp_path, evomerge_cmd):
+    tasks = tmp_path / "tasks"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "fitness" / "tiny", tasks)
+    (tasks / "tiny_boom.yaml").write_text(BOOM_TASK)
+    (tasks / "boom.py").write_text("def process_results(doc, results):\n"
+                                   "    return {'exact_match': {}[results[0]]}  # a metric with a bug\n")
+    study = small_study(tmp_path)
+    data = yaml.safe_load(study.read_text())
+    data["fitness"]["include_path"] = str(tasks)
+    data["fitness"]["tasks"].append({"task": "tiny_boom", "metric": "exact_match"})
+    data["budget"] = 8
+    study.write_text(yaml.safe_dump(data))
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 0, r.stderr
+    st = optuna.load_study(study_name="tiny-ps", storage=f"sqlite:///{tmp_path / 'tiny-ps.db'}")
+    assert len(st.trials) == 8 and all(t.state == TrialState.FAIL for t in st.trials)
+    assert all(t.user_attrs[ATTR + "error"].startswith("KeyError") for t in st.trials)
+    assert st.user_attrs[ATTR + "generation"] == 2, "the optimizer went on through two failed generations"
 
-    def score(split="search"):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            return real("no-such-split")
-        return real(split)
 
-    monkeypatch.setattr(fitness, "score", score)
-    st = run_with(small_study(tmp_path), executor)
-    failed = [t for t in st.get_trials() if t.state == TrialState.FAIL]
-    assert len(failed) == 1 and len(st.get_trials()) == 6
-    assert "no-such-split" in failed[0].user_attrs[ATTR + "error"] or "KeyError" in failed[0].user_attrs[ATTR + "error"]
+OOM_SCRIPT = """
+import json, resource, sys
+from evomerge.config import load_study
+from evomerge.executors import LocalExecutor
+from evomerge.study import Study
+
+def vm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+
+class TightMemoryForSecond:
+    name = "local"
+    def __init__(self, inner):
+        self.inner, self.calls, self.vm = inner, 0, {}
+    @property
+    def worker(self):
+        return self.inner.worker
+    def evaluate(self, recipe, split="search"):
+        self.calls += 1
+        if self.calls != 2:
+            return self.inner.evaluate(recipe, split)
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        self.vm["before"] = vm()
+        resource.setrlimit(resource.RLIMIT_AS, (vm() + 2**20, hard))
+        try:
+            return self.inner.evaluate(recipe, split)
+        finally:
+            self.vm["after"] = vm()
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+cfg = load_study(sys.argv[1])
+ex = TightMemoryForSecond(LocalExecutor(cfg))
+st = Study(cfg, executor=ex).run(6)
+print(json.dumps({"states": [t.state.name for t in st.trials], "vm": ex.vm,
+                  "errors": [t.user_attrs.get("evomerge.error") for t in st.trials]}))
+"""
+
+
+def test_out_of_memory_fails_the_trial_releases_its_memory_and_the_study_goes_on(tmp_path):
+    """A real allocation failure: the address space is capped 1 MiB above what the worker holds for one candidate
+    (with every allocation of 64 KiB or more a fresh mapping, so the cap bites inside the merge).  On CUDA,
+    `torch.cuda.OutOfMemoryError` takes the same branch of `Worker.evaluate`, which also empties the CUDA cache."""
+    import json
+    import os
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(small_study(tmp_path))], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["states"] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert "can't allocate memory" in out["errors"][1]
+    assert out["vm"]["after"] <= out["vm"]["before"] + 2**20, "the failed candidate's memory was not returned"
+
+
+# -------------------------------------------------------------------------------------------------- security
+class Payload:
+    """Unpickling this runs a shell command that creates a file: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os_system, (f"touch {self.marker}",))
+
+
+def os_system(cmd: str) -> int:
+    import os
+
+    return os.system(cmd)
+
+
+def malicious_model(tmp: Path, tiny: Path) -> tuple[Path, Path]:
+    """A copy of a tiny parent whose weights are a pytorch_model.bin that runs code when unpickled."""
+    model, marker = tmp / "evil", tmp / "pwned"
+    shutil.copytree(tiny / "rot", model)
+    (model / "model.safetensors").unlink()
+    torch.save({"model.norm.weight": torch.ones(128), "payload": Payload(marker)}, model / "pytorch_model.bin")
+    return model, marker
+
+
+def test_a_malicious_pickle_checkpoint_is_refused_without_running_it(tmp_path, tiny):
+    from evomerge.io import ModelFilesError, inspect_model, load_state_dict
+
+    model, marker = malicious_model(tmp_path, tiny)
+    for read in (inspect_model, load_state_dict):
+        with pytest.raises(ModelFilesError, match="weights-only"):
+            read(model)
+    assert not marker.exists()
+
+
+def test_run_with_a_malicious_parent_exits_2_and_runs_nothing(tmp_path, tiny, evomerge_cmd):
+    model, marker = malicious_model(tmp_path, tiny)
+    study = small_study(tmp_path, models={"base": str(tiny / "base"), "parents": [str(tiny / "up"), str(model)]})
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 2 and "pytorch_model.bin" in r.stderr
+    assert not marker.exists() and not (tmp_path / "tiny-ps.db").exists()
+
+
+def test_remote_code_in_a_model_directory_is_never_imported(tmp_path, tiny):
+    from evomerge.merge import Materializer
+
+    model, marker = tmp_path / "remote", tmp_path / "imported"
+    shutil.copytree(tiny / "rot", model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+                       "AutoConfig": "modeling_evil.EvilConfig"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    mat = Materializer(str(tiny / "base"), [str(tiny / "up"), str(model)])
+    assert type(mat.model).__name__ == "LlamaForCausalLM"
+    assert not marker.exists()
+
+
+def test_python_tags_in_a_study_file_are_a_clean_error_not_code(tmp_path, evomerge_cmd):
+    marker = tmp_path / "pwned"
+    study = small_study(tmp_path)
+    study.write_text(f"!!python/object/apply:os.system ['touch {marker}']\n" + study.read_text())
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 2 and str(study) in r.stderr and "not valid YAML" in r.stderr
+    assert "Traceback" not in r.stderr and not marker.exists()
+
+
+SECRET = "SECRETPW"
+BAD_PG = f"postgresql+psycopg://evomerge_nobody:{SECRET}@127.0.0.1:5432/test"
+
+
+def test_a_storage_password_never_appears_in_output_errors_or_written_files(tmp_path, evomerge_cmd):
+    study = small_study(tmp_path)
+    data = yaml.safe_load(study.read_text())
+    data["storage"] = BAD_PG
+    study.write_text(yaml.safe_dump(data))
+    outputs = [
+        run(evomerge_cmd, "run", study),                                    # password in the study file
+        run(evomerge_cmd, "status", study, "--json"),
+        run(evomerge_cmd, "status", small_study(tmp_path), "--storage", BAD_PG),  # password on the command line
+        run(evomerge_cmd, "export", study, "-o", tmp_path / "best.yaml", "--storage", BAD_PG),
+        run(evomerge_cmd, "report", study, "-o", tmp_path / "report", "--storage", BAD_PG),
+    ]
+    for r in outputs:
+        assert r.returncode == 2, r.stderr
+        assert "evomerge_nobody:***@127.0.0.1" in r.stderr
+        assert SECRET not in r.stdout + r.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "study.yaml"]
+    assert all(SECRET.encode() not in p.read_bytes() for p in written)
+
