@@ -130,12 +130,14 @@ def test_a_bad_study_file_exits_2_naming_file_and_field_and_leaves_the_db_unchan
     assert sorted(p.name for p in existing.parent.glob("tiny-ps.db*")) == ["tiny-ps.db"]
 
 
-def test_python_tags_in_a_study_file_exit_2(existing):
+def test_python_tags_in_a_study_file_exit_2_and_run_nothing(existing, tmp_path):
+    marker = tmp_path / "pwned"
     case = existing.parent / "case.yaml"
-    case.write_text("!!python/object/apply:os.getcwd []\n" + existing.read_text())
+    case.write_text(f"!!python/object/apply:os.system ['touch {marker}']\n" + existing.read_text())
     before = digest(existing.parent / "tiny-ps.db")
     r = CliRunner().invoke(app, ["run", str(case)])
     assert r.exit_code == 2 and str(case) in r.stderr and "not valid YAML" in r.stderr
+    assert not marker.exists()
     assert digest(existing.parent / "tiny-ps.db") == before
 
 

@@ -125,7 +125,7 @@ def test_optuna_dashboard_serves_the_study_and_its_trials(study):
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.server_port}"
-        studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=30))["studies"]
+        studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=30))["study_summaries"]
         sid = next(s["study_id"] for s in studies if s["study_name"] == "tiny-ps")
         detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{sid}", timeout=30))
     finally:
