@@ -51,9 +51,14 @@ class CMAES(Optimizer):
         return int(self.es.popsize)
 
     def __setstate__(self, state: dict) -> None:
-        """pycma files its proposals under hash(bytes), which Python salts per process: re-file them under this
-        process's hashes, or a resumed `tell` would miss its own proposals and update the distribution differently."""
+        """Make a restored CMA-ES behave exactly like the one that was saved.
+
+        Pickling copies the global NumPy generator pycma samples from, so the copy would ignore the per-generation
+        seeding in `ask`: point it back at the global one.  And pycma files its proposals under hash(bytes), which
+        Python salts per process: re-file them under this process's hashes, or a resumed `tell` would miss its own
+        proposals and update the distribution differently."""
         self.__dict__.update(state)
+        self.es.opts["randn"] = self.es.sm.randn = np.random.randn
         sent = self.es.sent_solutions
         if not hasattr(sent, "_unhashed_keys"):
             return

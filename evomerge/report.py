@@ -70,8 +70,10 @@ def plot_tasks(top: list[optuna.trial.FrozenTrial], out: Path) -> Path:
     ax.set_xlabel("trial (best first)")
     ax.set_ylabel("task score (search split)")
     ax.grid(axis="y", alpha=0.3)
+    top_score = max([(t.user_attrs.get(ATTR + "scores") or {}).get(k, 0.0) for t in top for k in tasks] or [1.0])
+    ax.set_ylim(0, 1.2 * max(top_score, 1e-6))  # headroom for the legend
     if tasks:
-        ax.legend()
+        ax.legend(loc="upper center", ncol=len(tasks))
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

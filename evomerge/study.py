@@ -130,9 +130,9 @@ class Study:
 
     @staticmethod
     def _save_checkpoint(st: optuna.Study, opt: Optimizer, generation: int, asked: bool) -> Optimizer:
-        """Store the checkpoint and go on from the stored copy, never the live object: pycma's state after a
-        pickle round trip proposes other genomes than the object it was taken from, and a resumed controller only
-        ever has the round-tripped one."""
+        """Store the checkpoint and go on from the stored copy, never the live object: a resumed controller only
+        ever has the stored one, so any state a pickle does not carry faithfully shows up in every run alike, not
+        only in resumed ones."""
         text = opt.state()
         st.set_user_attr(ATTR + "optimizer", {"generation": generation, "asked": asked, "state": text})
         return Optimizer.from_state(text)
