@@ -1,4 +1,4 @@
-"""The `evomerge` command: run, status, export, merge.
+"""The `evomerge` command: run, status, export, report, merge.
 
 Bad input exits with code 2 and a message naming the file and field; nothing is written to the study DB before the
 study file, the models and the fitness tasks have all been checked.
@@ -13,16 +13,18 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+# no locals in tracebacks: they would print storage URLs, passwords included
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
+                  pretty_exceptions_show_locals=False)
 out = Console()
 err = Console(stderr=True)
 
@@ -31,8 +33,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .dataflow import PathError
     from .fitness import FitnessError
-    from .io import ModelFilesError
     from .executors import ExecutorError
+    from .io import ModelFilesError
     from .merge import RecipeMismatch
     from .study import StorageError, StudyMismatch
 
@@ -40,8 +42,18 @@ def _user_errors() -> tuple[type[Exception], ...]:
             ExecutorError)
 
 
-def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str] = None) -> None:
+    """Print a user error and exit 2; errors found past the study file get its name and field in front."""
+    from .fitness import FitnessError
+    from .merge import RecipeMismatch
+    from .study import StorageError, StudyMismatch
+
+    msg = str(e)
+    if isinstance(e, StorageError):
+        msg = f"{'--storage' if storage else f'{study_file}: storage'}: {msg}"
+    elif isinstance(e, (FitnessError, StudyMismatch, RecipeMismatch)) and study_file:
+        msg = f"{study_file}: {msg}"
+    err.print(Text.assemble(("error: ", "bold red"), msg), highlight=False, soft_wrap=True)  # msg is not markup
     raise typer.Exit(2)
 
 
@@ -74,7 +86,7 @@ def _open_study(study_file: Path, storage: Optional[str]):
             _fail(ValueError(f"{study_file}: study {cfg.study!r} not found in {safe_url(study.storage_url)}; "
                              f"run `evomerge run {study_file}` first"))
     except _user_errors() as e:
-        _fail(e)
+        _fail(e, study_file, storage)
     return study
 
 
@@ -108,7 +120,7 @@ def run(
     except _user_errors() as e:
         if study is not None:
             study.executor.close()
-        _fail(e)
+        _fail(e, study_file, storage)
     total = budget or cfg.budget
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
@@ -122,7 +134,7 @@ def run(
             st = study.run(total, on_trial=on_trial)
         except _user_errors() as e:
             study.executor.close()
-            _fail(e)
+            _fail(e, study_file, storage)
         finished = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
         best = study.best_trial()
         bar.update(task, completed=min(finished, total), best=_fmt(trial_value(best) if best else None))
@@ -280,6 +292,24 @@ def _write_recipe(recipe, path: Path, trial, final: Optional[dict]) -> None:
 
 
 @app.command()
+def report(
+    study_file: Path = typer.Argument(..., help="study YAML"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder for the PNG plots and summary.md"),
+    top: int = typer.Option(5, "--top", min=1, help="how many of the best trials to compare task by task"),
+    storage: Optional[str] = StorageOpt,
+) -> None:
+    """Plots (scores over trials, per-task scores of the top trials, the winning recipe) and a markdown summary."""
+    from .report import write_report
+
+    study = _open_study(study_file, storage)
+    try:
+        summary = write_report(study.optuna, output, safe_url(study.storage_url), top)
+    except OSError as e:
+        _fail(ValueError(f"{output}: cannot write the report ({e.strerror})"))
+    out.print(f"wrote {summary}")
+
+
+@app.command()
 def merge(
     recipe_file: Path = typer.Argument(..., help="recipe YAML (from `evomerge export`)"),
     out_dir: Path = typer.Argument(..., help="output model directory"),
@@ -296,7 +326,7 @@ def merge(
         write = write_path_model if recipe.path is not None else write_model
         write(recipe, out_dir, pick_device(device))
     except _user_errors() as e:
-        _fail(e)
+        _fail(e, recipe_file)
     except OSError as e:
         _fail(ValueError(f"{out_dir}: cannot write the model ({e.strerror})"))
     out.print(f"wrote {out_dir}")

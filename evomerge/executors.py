@@ -57,6 +57,7 @@ class Worker:
             self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.merge.dtype)
             model = self.dataflow.model
         tokenizer = AutoTokenizer.from_pretrained(cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
+        model.get_output_embeddings().register_forward_hook(_refuse_non_finite_logits)
         self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device), seed=cfg.seed)
 
     def evaluate(self, recipe: Recipe, split: str = "search", incumbent: list[dict] | None = None) -> TrialResult:
@@ -74,11 +75,19 @@ class Worker:
             score = self.fitness.score(split, incumbent)
             t2 = time.perf_counter()
             return TrialResult(score, {"materialize_s": t1 - t0, "fitness_s": t2 - t1, "forward_s": score.forward_s})
-        except (RuntimeError, ValueError, FloatingPointError, torch.cuda.OutOfMemoryError) as e:
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            return TrialResult(None, {"total_s": time.perf_counter() - t0}, f"{type(e).__name__}: {e}")
+        except Exception as e:  # out of memory (CPU or CUDA), NaN logits, a task or metric that raises
+            error = f"{type(e).__name__}: {e}"
+        # after the handler, so the traceback's frames (and the tensors they hold) are gone before memory is returned
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return TrialResult(None, {"total_s": time.perf_counter() - t0}, error)
+
+
+def _refuse_non_finite_logits(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> None:
+    """Greedy decoding turns NaN logits into some token and a plausible-looking score; fail the candidate instead."""
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the candidate's logits are not finite (NaN or inf)")
 
 
 class Executor(abc.ABC):

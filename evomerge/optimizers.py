@@ -100,6 +100,7 @@ def _rekey(d: SolutionDict) -> None:
         if k in unhashed:
             d._unhashed_keys[new] = x
 
+
 class CatCMA(Optimizer):
     """CatCMA (`cmaes`) for mixed spaces: a Gaussian over the continuous coordinates and a categorical distribution
     per choice, learned jointly.  Genomes keep the unit-cube form: category i of n is proposed as (i + 0.5) / n, which

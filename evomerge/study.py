@@ -182,6 +182,11 @@ class Study:
             return True
         except KeyError:
             return False
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
+            reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+            if url.password:
+                reason = reason.replace(str(url.password), "***")
+            raise StorageError(f"cannot open {url.render_as_string(hide_password=True)} ({reason})") from None
 
     @property
     def optuna(self) -> optuna.Study:
@@ -217,9 +222,26 @@ class Study:
                     "use a new study name (or another storage) for a changed setup"
                 )
 
-    def _optimizer(self, st: optuna.Study) -> Optimizer:
-        text = st.user_attrs.get(ATTR + "optimizer")
-        return Optimizer.from_state(text) if text else self._new_optimizer()
+    def _checkpoint(self, st: optuna.Study) -> tuple[Optimizer, int, bool]:
+        """The optimizer, the generation it is at, and whether it has already asked for that generation's genomes.
+
+        These three travel in one attribute (one SQL write), so a kill between any two writes can never pair an
+        optimizer state with the wrong generation: a resumed study re-proposes exactly what an uninterrupted one
+        would.
+        """
+        ckpt = st.user_attrs.get(ATTR + "optimizer")
+        if ckpt:
+            return Optimizer.from_state(ckpt["state"]), ckpt["generation"], ckpt["asked"]
+        return self._new_optimizer(), 0, False
+
+    @staticmethod
+    def _save_checkpoint(st: optuna.Study, opt: Optimizer, generation: int, asked: bool) -> Optimizer:
+        """Store the checkpoint and go on from the stored copy, never the live object: a resumed controller only
+        ever has the stored one, so any state a pickle does not carry faithfully shows up in every run alike, not
+        only in resumed ones."""
+        text = opt.state()
+        st.set_user_attr(ATTR + "optimizer", {"generation": generation, "asked": asked, "state": text})
+        return Optimizer.from_state(text)
 
     def _new_optimizer(self) -> Optimizer:
         o = self.cfg.optimizer
@@ -293,25 +315,22 @@ class Study:
             for trial_id in self.storage._get_stale_trial_ids(st._study_id):
                 self.storage.set_trial_state_values(trial_id, TrialState.WAITING)
         trials = st.get_trials(deepcopy=False)
+        opt, generation, asked = self._checkpoint(st)
         pending = st.user_attrs.get(ATTR + "pending")
-        opt = self._optimizer(st)
-        if pending is not None:
-            g = pending["generation"]
-            mine = {t.user_attrs[ATTR + "index"]: t for t in trials if t.user_attrs.get(ATTR + "generation") == g}
+        if asked:  # the stored pending genomes are this generation's: written before the checkpoint said so
+            mine = {t.user_attrs[ATTR + "index"]: t for t in trials
+                    if t.user_attrs.get(ATTR + "generation") == generation}
             if len(mine) == len(pending["genomes"]) and all(t.state.is_finished() for t in mine.values()):
                 values = [told_value(mine[i]) if mine[i].state == TrialState.COMPLETE else None for i in range(len(mine))]
                 opt.tell(pending["genomes"], _losses(values, len(st.directions)))
-                st.set_user_attr(ATTR + "optimizer", opt.state())
-                st.set_user_attr(ATTR + "generation", g + 1)
-                st.set_user_attr(ATTR + "pending", None)
-                pending = None
+                generation, asked = generation + 1, False
+                opt = self._save_checkpoint(st, opt, generation, asked)
         if len(trials) >= budget:
             return
-        if pending is None:
-            generation = st.user_attrs.get(ATTR + "generation", 0)
+        if not asked:  # asking is seeded per generation, so a kill before the checkpoint re-asks the same genomes
             pending = {"generation": generation, "genomes": opt.ask(generation)}
-            st.set_user_attr(ATTR + "optimizer", opt.state())
             st.set_user_attr(ATTR + "pending", pending)
+            self._save_checkpoint(st, opt, generation, asked=True)
         g = pending["generation"]
         have = {t.user_attrs.get(ATTR + "index") for t in trials if t.user_attrs.get(ATTR + "generation") == g}
         room = budget - len(trials)

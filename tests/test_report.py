@@ -1,0 +1,138 @@
+"""`evomerge report` and optuna-dashboard, on a real study DB written by the real controller."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.request
+from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from PIL import Image
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+from evomerge.config import load_study
+from evomerge.executors import LocalExecutor
+from evomerge.report import plot_path
+from evomerge.study import ATTR, Study
+from tests.test_reliability import NaNWeightForSecond, small_study
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """Eight trials, one of them failed, and the final table: everything a report draws."""
+    path = small_study(tmp_path_factory.mktemp("report"))
+    cfg = load_study(path)
+    s = Study(cfg, executor=NaNWeightForSecond(LocalExecutor(cfg)))
+    s.run(8)
+    s.final_table()
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(study) -> Path:
+    out = study.parent / "report"
+    r = CliRunner().invoke(app, ["report", str(study), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def db(study: Path) -> optuna.Study:
+    return optuna.load_study(study_name="tiny-ps", storage=f"sqlite:///{study.parent / 'tiny-ps.db'}")
+
+
+@pytest.mark.parametrize("name", ["scores.png", "tasks.png", "recipe.png"])
+def test_each_plot_is_a_real_picture(report, name):
+    with Image.open(report / name) as im:
+        assert im.format == "PNG"
+        assert 400 <= im.width <= 3000 and 250 <= im.height <= 3000
+        lo, hi = im.convert("L").getextrema()
+        assert hi - lo > 100, "the picture is blank"
+
+
+def test_summary_embeds_every_plot(report):
+    text = (report / "summary.md").read_text()
+    for name in ("scores.png", "tasks.png", "recipe.png"):
+        assert f"]({name})" in text
+
+
+def test_summary_counts_and_best_match_the_db(report, study):
+    text = (report / "summary.md").read_text()
+    st = db(study)
+    best = max((t for t in st.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
+    assert f"- trials: 8 (7 complete, 1 failed, 0 running)" in text
+    assert f"- best: trial {best.number}, fitness {best.value:.4f}" in text
+    assert f"- search-space dimension: {st.user_attrs[ATTR + 'dimension']}" in text
+
+
+def test_summary_top_trials_table_is_the_db_ranking(report, study):
+    text = (report / "summary.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", text, re.M)
+    ranked = sorted((t for t in db(study).trials if t.state == TrialState.COMPLETE),
+                    key=lambda t: (-t.value, t.number))[:5]
+    assert [int(r[0]) for r in rows] == [t.number for t in ranked]
+    for row, t in zip(rows, ranked):
+        scores = t.user_attrs[ATTR + "scores"]
+        assert int(row[1]) == t.user_attrs[ATTR + "generation"]
+        assert float(row[2]) == round(t.value, 4)
+        assert (float(row[3]), float(row[4])) == (round(scores["tiny_rot"], 4), round(scores["tiny_up"], 4))
+
+
+def test_summary_test_split_table_matches_the_final_table(report, study):
+    text = (report / "summary.md").read_text()
+    for r in db(study).user_attrs[ATTR + "final"]["rows"]:
+        assert f"| {r['model']} | {r['test']:.4f} |" in text
+
+
+def test_summary_lists_the_failed_trial_and_its_reason(report, study):
+    failed = next(t for t in db(study).trials if t.state == TrialState.FAIL)
+    assert f"- trial {failed.number}: {failed.user_attrs[ATTR + 'error']}" in (report / "summary.md").read_text()
+
+
+def test_no_path_diagram_for_a_parameter_space_recipe(report):
+    assert not (report / "path.png").exists() and "path.png" not in (report / "summary.md").read_text()
+
+
+def test_a_layer_path_is_drawn_as_a_diagram(tmp_path):
+    path = [{"parent": i % 2, "layer": i // 2 + (i % 3), "scale": 0.5 + 0.1 * i} for i in range(10)]
+    out = plot_path(path, ["up", "rot"], tmp_path / "path.png")
+    with Image.open(out) as im:
+        assert im.width >= 400 and im.height >= 250
+        assert im.convert("L").getextrema()[1] - im.convert("L").getextrema()[0] > 100
+
+
+def test_report_into_an_unwritable_folder_exits_2_naming_it(study, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = CliRunner().invoke(app, ["report", str(study), "-o", str(blocker / "report")])
+    assert r.exit_code == 2 and "cannot write the report" in r.output
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_optuna_dashboard_serves_the_study_and_its_trials(study):
+    from optuna_dashboard import wsgi
+
+    server = make_server("127.0.0.1", 0, wsgi(f"sqlite:///{study.parent / 'tiny-ps.db'}"), handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=30))["study_summaries"]
+        sid = next(s["study_id"] for s in studies if s["study_name"] == "tiny-ps")
+        detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{sid}", timeout=30))
+    finally:
+        server.shutdown()
+        server.server_close()
+    trials = detail["trials"]
+    assert len(trials) == 8
+    assert sorted(t["state"] for t in trials) == ["Complete"] * 7 + ["Fail"]
+    attrs = {a["key"] for a in trials[0]["user_attrs"]}
+    assert {ATTR + "recipe", ATTR + "scores", ATTR + "genome"} <= attrs
