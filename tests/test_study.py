@@ -70,5 +70,5 @@ def test_worker_reports_a_broken_recipe_as_an_error_not_an_exception(executor):
 def test_optimizer_state_is_persisted_each_generation(study_file, executor):
     cfg = load_study(study_file)
     st = Study(cfg, executor=executor).run(8)
-    assert st.user_attrs[ATTR + "generation"] == 2
+    assert st.user_attrs[ATTR + "optimizer"]["generation"] == 2
     assert st.user_attrs[ATTR + "optimizer"]
