@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .merge.methods import METHODS
+from .merge.methods import METHODS, InvalidRecipe, validate
+from .mergekit import from_mergekit, is_mergekit, model_for
 from .recipe import Recipe
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -134,6 +135,10 @@ class StudyConfig(_Strict):
     def _base_when_needed(self) -> StudyConfig:
         if METHODS[self.merge.method].uses_base and not self.models.base:
             raise ValueError(f"merge method {self.merge.method} works on task vectors: set models.base")
+        try:
+            validate(self.merge.method, self.models.base, self.models.parents, {}, self.merge.options)
+        except InvalidRecipe as e:
+            raise ValueError(f"merge.{e.field}: {e.message}" if e.field.startswith("options") else str(e)) from None
         return self
 
     @property
@@ -223,45 +228,59 @@ class RecipeFile(_Strict):
     method: str
     base: str | None = None
     parents: list[str] = Field(..., min_length=1)
-    groups: dict[str, dict[Literal["weight", "density"], list[float]]]
+    groups: dict[str, dict[str, list[float]]]
     options: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _consistent(self) -> RecipeFile:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown merge method {self.method!r}; allowed: {', '.join(METHODS)}")
-        m = METHODS[self.method]
-        if m.uses_base and not self.base:
-            raise ValueError(f"method {self.method} needs `base`")
-        for k in self.options:
-            if k not in m.options:
-                raise ValueError(f"option {k!r} is not one of {self.method}'s options: {', '.join(m.options) or 'none'}")
-        for g, values in self.groups.items():
-            for p, vs in values.items():
-                if len(vs) != len(self.parents):
-                    raise ValueError(f"groups.{g}.{p} has {len(vs)} values for {len(self.parents)} parents")
-                if p == "density" and any(not 0 < v <= 1 for v in vs):
-                    raise ValueError(f"groups.{g}.density values must lie in (0, 1]")
-            if "weight" not in values:
-                raise ValueError(f"groups.{g} needs a weight list")
-        return self
-
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe YAML; local model paths are resolved relative to the file."""
+    """Parse and validate a recipe YAML, evomerge's own or a mergekit config; model paths resolve relative to the file.
+
+    Everything is checked before any tensor is read: method, parameters and their ranges, model count, base model.
+    """
     path = Path(path)
     data = _read_yaml(path)
+    d = path.parent
+    if is_mergekit(data):
+        return _load_mergekit(path, data)
     try:
         rf = RecipeFile.model_validate(data)
     except ValidationError as err:
         _raise_first(path, err)
-    d = path.parent
+    try:
+        validate(rf.method, rf.base, rf.parents, rf.groups, rf.options)
+    except InvalidRecipe as e:
+        raise ConfigError(path, e.field, e.message) from None
     base = _resolve(d, rf.base) if rf.base else None
     parents = [_resolve(d, p) for p in rf.parents]
-    for field, p in [("base", base)] + [(f"parents.{i}", p) for i, p in enumerate(parents)]:
-        if p is not None and not Path(p).is_dir():
-            raise ConfigError(path, field, f"model directory {p} does not exist")
+    _check_dirs(path, [("base", base)] + [(f"parents.{i}", p) for i, p in enumerate(parents)])
     return Recipe(method=rf.method, parents=parents, base=base, groups={g: dict(v) for g, v in rf.groups.items()},
                   options=rf.options, dtype=rf.dtype, seed=rf.seed)
+
+
+def _check_dirs(path: Path, fields: list[tuple[str, str | None]]) -> None:
+    for field, p in fields:
+        if p is not None and not Path(p).is_dir():
+            raise ConfigError(path, field, f"model directory {p} does not exist")
+
+
+def _load_mergekit(path: Path, data: dict) -> Recipe:
+    """A mergekit config: its models must be local directories (evomerge never downloads)."""
+    from .io import ModelFilesError, inspect_model
+
+    ref = model_for(data)
+    if ref is None:
+        raise ConfigError(path, "models", "no model named (base_model, models or slices)")
+    ref_dir = _resolve(path.parent, ref)
+    _check_dirs(path, [("base_model" if data.get("base_model") else "models", ref_dir)])
+    try:
+        info = inspect_model(ref_dir)
+        recipe = from_mergekit(data, info, lambda p: _resolve(path.parent, p))
+        validate(recipe.method, recipe.base, recipe.parents, recipe.groups, recipe.options)
+    except InvalidRecipe as e:
+        raise ConfigError(path, e.field, e.message) from None
+    except ModelFilesError as e:
+        raise ConfigError(path, "models", str(e)) from None
+    _check_dirs(path, [("base_model", recipe.base)] + [(f"models.{i}", p) for i, p in enumerate(recipe.parents)])
+    return recipe
