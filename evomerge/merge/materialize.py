@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import time
+import types
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,6 +68,13 @@ def prepare_aux(kinds: tuple[str, ...], deltas: torch.Tensor, shape: tuple[int, 
 def _into(out: torch.Tensor, method: MergeMethod, base: torch.Tensor | None, stacked: torch.Tensor,
           params: dict[str, torch.Tensor], aux: dict[str, torch.Tensor], options: dict[str, Any]) -> None:
     out.copy_(apply(method, base, stacked, params, aux, options))
+
+
+def _compiled(name: str) -> Callable[..., None]:
+    """`_into` compiled for one method.  Dynamo caches compiled graphs per code object (8 variants at most), so each
+    method gets its own copy of the code: twelve methods sharing one cache would evict each other back to eager."""
+    code = _into.__code__.replace(co_name=f"_into_{name}")
+    return torch.compile(types.FunctionType(code, _into.__globals__, code.co_name), dynamic=True)
 
 
 def compiler_available() -> bool:
@@ -129,7 +138,7 @@ class Materializer:
 
     def _kernel(self, method: MergeMethod) -> Callable[..., None]:
         if method.name not in self._kernels:
-            self._kernels[method.name] = torch.compile(_into, dynamic=True) if self.compile else _into
+            self._kernels[method.name] = _compiled(method.name) if self.compile else _into
         return self._kernels[method.name]
 
     @torch.no_grad()
@@ -149,10 +158,11 @@ class Materializer:
                     recipe.options)
             try:
                 kernel(*args)
-            except Exception:
+            except Exception as e:
                 if kernel is _into:
                     raise
-                self._kernels[method.name] = kernel = _into  # a backend that cannot compile: stay correct, eager
+                warnings.warn(f"torch.compile failed for {method.name} ({type(e).__name__}: {e}); merging eagerly")
+                self._kernels[method.name] = kernel = _into
                 kernel(*args)
         return self.model
 

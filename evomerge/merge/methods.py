@@ -35,13 +35,16 @@ def _pp(v: Tensor, like: Tensor) -> Tensor:
     return v.to(like.dtype)[:, None]
 
 
-def _sum0(x: Tensor) -> Tensor:
+def _add(parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Sum over the parents as a chain of adds: fuses into one pass where a reduction over dim 0 would not."""
-    parts = x.unbind(0)
     total = parts[0]
     for part in parts[1:]:
         total = total + part
     return total
+
+
+def _sum0(x: Tensor) -> Tensor:
+    return _add(x.unbind(0))
 
 
 # --- auxiliary inputs: computed once per worker (resident) or per tensor (export) ----------------------------------
@@ -81,11 +84,9 @@ def random_bits(seeds: Tensor, m: int) -> Tensor:
     Every product stays below 2**63, so the arithmetic is exact in int64 on every backend.
     """
     idx = torch.arange(m, dtype=torch.int64, device=seeds.device)
-    h = (idx[None, :] * 0x61C88647 + seeds[:, None]) & _MASK32
-    h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & _MASK32
-    h = h ^ (h >> 15)
-    h = (h * 0x2C1B3C6D) & _MASK32
+    h = (idx[None, :] + seeds[:, None]) & _MASK32
+    h = ((h ^ (h >> 16)) * 0x7FEB352D) & _MASK32
+    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & _MASK32
     return h ^ (h >> 16)
 
 
@@ -99,19 +100,19 @@ def _keep_random(seeds: Tensor, m: int, probability: Tensor) -> Tensor:
 def trim_magnitude(deltas: Tensor, density: Tensor, ranks: Tensor) -> Tensor:
     """TIES trim: keep each task vector's top ``floor(density * M)`` entries by magnitude, zero the rest."""
     m = deltas.shape[1]
-    k = (_pp(density, deltas) * m).floor()
-    return torch.where(ranks >= m - k, deltas, 0.0)
+    k = (density.double() * m).floor().long()[:, None]
+    return torch.where(ranks >= (m - k).to(ranks.dtype), deltas, 0.0)
 
 
 def trim_outliers(deltas: Tensor, density: Tensor, gamma: Tensor, ranks: Tensor) -> Tensor:
     """Model Breadcrumbs: drop the top ``gamma`` fraction (outliers) and the smallest, keeping ``density`` in all."""
     m = deltas.shape[1]
-    keep = (_pp(density, deltas) * m).floor()
-    top = (_pp(gamma, deltas) * m).floor()
+    keep = (density.double() * m).floor().long()[:, None]
+    top = (gamma.double() * m).floor().long()[:, None]
     bottom = m - keep - top
     top = torch.where(bottom < 0, top + bottom, top)
-    bottom = bottom.clamp_min(0)
-    return torch.where((ranks >= bottom) & (ranks < m - top), deltas, 0.0)
+    bottom = bottom.clamp_min(0).to(ranks.dtype)
+    return torch.where((ranks >= bottom) & (ranks < (m - top).to(ranks.dtype)), deltas, 0.0)
 
 
 def _rescaled(deltas: Tensor, kept: Tensor, probability: Tensor, rescale: bool, mode: str) -> Tensor:
@@ -143,24 +144,28 @@ def drop_magprune(deltas: Tensor, density: Tensor, epsilon: Tensor, row_ranks: T
 
 # --- combination: the shared tail of the task-vector methods ------------------------------------------------------
 
-def sign_consensus(weighted: Tensor) -> Tensor:
-    """TIES sign election: per entry, the sign of the summed weighted deltas; True where a parent agrees with it."""
-    positive = _sum0(weighted) >= 0
-    return torch.where(positive, weighted > 0, weighted < 0)
+def sign_consensus(weighted: list[Tensor]) -> list[Tensor]:
+    """TIES sign election: per entry, the sign of the summed weighted deltas; per parent, True where it agrees."""
+    positive = _add(weighted) >= 0
+    return [torch.where(positive, x > 0, x < 0) for x in weighted]
 
 
 def combine(base: Tensor, deltas: Tensor, weight: Tensor, *, consensus: bool, normalize: bool,
             lambda_: float) -> Tensor:
-    """base + lambda * (weighted sum of task vectors, optionally sign-elected, optionally normalized)."""
-    w = _pp(weight, deltas)
-    weighted = deltas * w
+    """base + lambda * (weighted sum of task vectors, optionally sign-elected, optionally normalized).
+
+    Parents are handled as a list, not a reduction over dim 0, so the compiled form is one fused pass with no
+    [N, M] intermediates.
+    """
+    w = weight.to(deltas.dtype)
+    weighted = list((deltas * w[:, None]).unbind(0))
     if consensus:
         agree = sign_consensus(weighted)
-        merged = _sum0(torch.where(agree, weighted, 0.0))
-        divisor = _sum0(torch.where(agree, w, 0.0))
-        divisor = torch.where(divisor == 0, 1.0, divisor)
+        merged = _add([torch.where(a, x, 0.0) for a, x in zip(agree, weighted)])
+        divisor = _add([a * w[i] for i, a in enumerate(agree)])
+        divisor = divisor + (divisor == 0)
     else:
-        merged = _sum0(weighted)
+        merged = _add(weighted)
         divisor = w.sum()
         divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
     if normalize:
