@@ -159,34 +159,59 @@ def status(
 def export(
     study_file: Path = typer.Argument(..., help="study YAML"),
     output: Path = typer.Option(..., "-o", "--output", help="recipe YAML to write"),
+    fmt: str = typer.Option("evomerge", "--format", help="evomerge (this tool's recipe) or mergekit (a merge config)"),
     storage: Optional[str] = StorageOpt,
 ) -> None:
-    """Write the best trial's recipe as a standalone recipe YAML (for `evomerge merge`)."""
+    """Write the best trial's recipe as a standalone YAML: evomerge's recipe, or a mergekit config."""
+    if fmt not in ("evomerge", "mergekit"):
+        _fail(ValueError(f"--format: {fmt!r} is not one of evomerge, mergekit"))
     study = _open_study(study_file, storage)
     recipe = study.best_recipe()
     if recipe is None:
         _fail(ValueError(f"{study_file}: study {study.cfg.study!r} has no completed trial yet"))
     try:
-        recipe.save(output)
+        if fmt == "mergekit":
+            _save_mergekit(recipe, output)
+        else:
+            recipe.save(output)
     except OSError as e:
         _fail(ValueError(f"{output}: cannot write the recipe ({e.strerror})"))
-    out.print(f"wrote {output} (trial {study.best_trial().number}, search score {study.best_trial().value:.4f})")
+    except ValueError as e:
+        _fail(ValueError(f"{output}: {e}"))
+    out.print(f"wrote {output} ({fmt}; trial {study.best_trial().number}, search score {study.best_trial().value:.4f})")
+
+
+def _save_mergekit(recipe, output: Path) -> None:
+    import yaml
+
+    from .io import inspect_model
+    from .mergekit import to_mergekit
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rel = recipe.with_paths_relative_to(output.resolve().parent)
+    data = to_mergekit(rel, inspect_model(recipe.base or recipe.parents[0]))
+    output.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
 
 
 @app.command()
 def merge(
-    recipe_file: Path = typer.Argument(..., help="recipe YAML (from `evomerge export`)"),
+    recipe_file: Path = typer.Argument(..., help="recipe YAML: evomerge's (from `evomerge export`) or a mergekit config"),
     out_dir: Path = typer.Argument(..., help="output model directory"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
+    shard_size: float = typer.Option(2.0, "--shard-size", min=0.001, help="largest safetensors shard, in GB"),
 ) -> None:
-    """Materialize a recipe into a Hugging Face model directory (safetensors, config, tokenizer)."""
+    """Stream a recipe into a Hugging Face model directory: safetensors shards + index, config, tokenizer, model card.
+
+    Tensors are merged one at a time from the parents' (sharded) safetensors, so memory stays at a few tensors per
+    parent whatever the model size.
+    """
     from .config import load_recipe
     from .io import pick_device
     from .merge import write_model
 
     try:
         recipe = load_recipe(recipe_file)
-        write_model(recipe, out_dir, pick_device(device))
+        write_model(recipe, out_dir, pick_device(device), max_shard_bytes=int(shard_size * 1e9))
     except _user_errors() as e:
         _fail(e)
     except OSError as e:

@@ -83,11 +83,16 @@ def random_bits(seeds: Tensor, m: int) -> Tensor:
 
     Every product stays below 2**63, so the arithmetic is exact in int64 on every backend.
     """
-    idx = torch.arange(m, dtype=torch.int64, device=seeds.device)
-    h = (idx[None, :] + seeds[:, None]) & _MASK32
-    h = ((h ^ (h >> 16)) * 0x7FEB352D) & _MASK32
-    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & _MASK32
-    return h ^ (h >> 16)
+    h = torch.arange(m, dtype=torch.int64, device=seeds.device)[None, :] + seeds[:, None]
+    h &= _MASK32  # in place: the eager (export) path keeps one [N, M] int64 buffer alive, not six
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h &= _MASK32
+    h ^= h >> 15
+    h *= 0x2C1B3C6D
+    h &= _MASK32
+    h ^= h >> 16
+    return h
 
 
 def _keep_random(seeds: Tensor, m: int, probability: Tensor) -> Tensor:
