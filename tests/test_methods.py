@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from evomerge.merge.methods import (InvalidRecipe, breadcrumbs_ties, dare_linear, dare_ties, della_linear, linear,
-                                    magnitude_ranks, model_stock, passthrough, row_rank_fractions, slerp,
+                                    magnitude_ranks, model_stock, passthrough, random_bits, row_rank_fractions, slerp,
                                     task_arithmetic, tensor_seeds, ties, trim_magnitude, trim_outliers, validate)
 
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
@@ -15,8 +15,8 @@ RANKS = magnitude_ranks(DELTAS)
 ONES = torch.tensor([1.0, 1.0])
 
 
-def seeds(seed=0, n=1):
-    return tensor_seeds(seed, "t", n)
+def bits(m, seed=0, n=1):
+    return random_bits(tensor_seeds(seed, "t", n), m)
 
 
 def test_linear_is_the_weighted_average_of_parents():
@@ -69,7 +69,7 @@ def test_breadcrumbs_ties_with_nothing_dropped_is_sign_elected_task_arithmetic()
 def test_dare_keeps_the_expectation_of_the_task_vector():
     base = torch.zeros(200_000)
     deltas = torch.full((1, 200_000), 0.2)
-    out = dare_linear(base, deltas, torch.tensor([1.0]), torch.tensor([0.3]), seeds=seeds())
+    out = dare_linear(base, deltas, torch.tensor([1.0]), torch.tensor([0.3]), bits=bits(200_000))
     assert abs(out.mean().item() - 0.2) < 0.005
     assert abs((out != 0).float().mean().item() - 0.3) < 0.005
 
@@ -77,22 +77,22 @@ def test_dare_keeps_the_expectation_of_the_task_vector():
 def test_dare_l1_rescale_keeps_each_task_vectors_l1_norm():
     deltas = torch.randn(2, 10_000, generator=torch.Generator().manual_seed(0))
     out = dare_linear(torch.zeros(10_000), deltas, torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.3]),
-                      seeds=seeds(n=2), rescale_mode="l1")
+                      bits=bits(10_000, n=2), rescale_mode="l1")
     assert out.abs().sum().item() == pytest.approx(deltas[0].abs().sum().item(), rel=1e-4)
 
 
 def test_dare_is_reproducible_for_a_seed_and_differs_across_seeds():
     args = (BASE.repeat(1000), DELTAS.repeat(1, 1000), ONES, torch.tensor([0.5, 0.5]))
-    a = dare_ties(*args, seeds=tensor_seeds(7, "x", 2))
-    assert torch.equal(a, dare_ties(*args, seeds=tensor_seeds(7, "x", 2)))
-    assert not torch.equal(a, dare_ties(*args, seeds=tensor_seeds(8, "x", 2)))
+    a = dare_ties(*args, bits=random_bits(tensor_seeds(7, "x", 2), 4000))
+    assert torch.equal(a, dare_ties(*args, bits=random_bits(tensor_seeds(7, "x", 2), 4000)))
+    assert not torch.equal(a, dare_ties(*args, bits=random_bits(tensor_seeds(8, "x", 2), 4000)))
 
 
 def test_della_keeps_large_entries_more_often_and_keeps_the_expectation():
     m = 200_000
     deltas = torch.linspace(0.1, 0.3, m)[None, :]
     out = della_linear(torch.zeros(m), deltas, torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.4]),
-                       row_ranks=row_rank_fractions(deltas, (m,)), seeds=seeds())
+                       row_ranks=row_rank_fractions(deltas, (m,)), bits=bits(m))
     kept = (out != 0).float()
     assert kept[: m // 10].mean().item() < 0.2 and kept[-m // 10:].mean().item() > 0.8
     assert out.mean().item() == pytest.approx(deltas.mean().item(), rel=0.02)

@@ -25,7 +25,7 @@ from .. import __version__
 from ..io import TensorReader, check_compatible, inspect_model, load_state_dict, model_license, tensor_group, \
     write_sharded
 from ..recipe import Recipe
-from .methods import (InvalidRecipe, MergeMethod, apply, get_method, magnitude_ranks, row_rank_fractions,
+from .methods import (InvalidRecipe, MergeMethod, apply, magnitude_ranks, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,13 +55,16 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
             for p, d in method.tensor_params.items()}
 
 
-def prepare_aux(kinds: tuple[str, ...], deltas: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """What a method's selection needs from the parents (`kinds` from its ``aux``), for one flattened tensor."""
+def prepare_aux(kinds: tuple[str, ...], name: str, deltas: torch.Tensor, shape: tuple[int, ...],
+                seed: int) -> dict[str, torch.Tensor]:
+    """What a method's selection needs (`kinds` from its ``aux``) for one flattened tensor."""
     aux = {}
     if "ranks" in kinds:
         aux["ranks"] = magnitude_ranks(deltas)
     if "row_ranks" in kinds:
         aux["row_ranks"] = row_rank_fractions(deltas, shape)
+    if "bits" in kinds:
+        aux["bits"] = random_bits(tensor_seeds(seed, name, deltas.shape[0], deltas.device), deltas.shape[1])
     return aux
 
 
@@ -114,20 +117,27 @@ class Materializer:
         ).to(self.device).eval()
         state = self.model.state_dict()
         self._targets = {name: state[name].view(-1) for name in self.shapes}
-        self._aux: dict[str, dict[str, torch.Tensor]] = {}
+        self._aux: dict[tuple[str, int | None], dict[str, torch.Tensor]] = {}
         n_params = sum(t.numel() for t in self.base.values() if t is not None) or sum(
             t[0].numel() for t in self.deltas.values())
         self.compile = compiler_available() and n_params >= COMPILE_MIN_PARAMS if compile is None else compile
         self._kernels: dict[str, Callable[..., None]] = {}
 
-    def prepare(self, method: MergeMethod) -> float:
-        """Compute, once per worker, the method's auxiliary inputs for every tensor; returns the seconds it took."""
+    def prepare(self, method: MergeMethod, seed: int = 0) -> float:
+        """Compute, once per worker, the method's auxiliary inputs for every tensor; returns the seconds it took.
+
+        Ranks are kept for the worker's life; random bits for the latest seed (a study uses one seed throughout).
+        """
         t0 = time.perf_counter()
         with torch.no_grad():
             for kind in method.aux:
-                if kind == "seeds" or kind in self._aux:
+                key = (kind, seed) if kind == "bits" else (kind, None)
+                if key in self._aux:
                     continue
-                self._aux[kind] = {n: prepare_aux((kind,), d, self.shapes[n])[kind] for n, d in self.deltas.items()}
+                if kind == "bits":
+                    self._aux = {k: v for k, v in self._aux.items() if k[0] != "bits"}
+                self._aux[key] = {n: prepare_aux((kind,), n, d, self.shapes[n], seed)[kind]
+                                  for n, d in self.deltas.items()}
         return time.perf_counter() - t0
 
     def check(self, recipe: Recipe) -> MergeMethod:
@@ -145,14 +155,12 @@ class Materializer:
     def materialize(self, recipe: Recipe) -> PreTrainedModel:
         """Overwrite the resident model's weights with the recipe's merge and return the model."""
         method = self.check(recipe)
-        self.prepare(method)
+        self.prepare(method, recipe.seed)
         n = len(self.parent_paths)
         params = {g: group_params(method, v, n, self.device) for g, v in recipe.groups.items()}
         kernel = self._kernel(method)
         for name, deltas in self.deltas.items():
-            aux = {kind: self._aux[kind][name] for kind in method.aux if kind != "seeds"}
-            if method.random:
-                aux["seeds"] = tensor_seeds(recipe.seed, name, n, self.device)
+            aux = {kind: self._aux[(kind, recipe.seed if kind == "bits" else None)][name] for kind in method.aux}
             stacked = deltas if method.uses_base or self.base[name] is None else deltas + self.base[name]
             args = (self._targets[name], method, self.base[name], stacked, params[tensor_group(name)], aux,
                     recipe.options)
@@ -201,9 +209,7 @@ def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str 
         stacked = torch.stack([r.get(name).to(device).float().reshape(-1) for r in readers])
         if base is not None and method.uses_base:
             stacked -= base
-        aux = prepare_aux(method.aux, stacked, shapes[name])
-        if method.random:
-            aux["seeds"] = tensor_seeds(recipe.seed, name, n, device)
+        aux = prepare_aux(method.aux, name, stacked, shapes[name], recipe.seed)
         merged = apply(method, base, stacked, params[tensor_group(name)], aux, recipe.options)
         return merged.to(out_dtype).reshape(shapes[name])
 

@@ -12,7 +12,7 @@ names the choice: ``density`` (default; the DARE/DELLA papers: divide survivors 
 the expectation of every entry) or ``l1`` (current mergekit: scale survivors so each task vector keeps its L1 norm).
 
 What a magnitude or random selection needs is an *auxiliary* input computed from the parents alone (``ranks``,
-``row_ranks``) or from the seed (``seeds``): a resident worker computes the former once per study (see
+``row_ranks``) or from the seed (``bits``): a resident worker computes the former once per study (see
 ``Materializer``) so that a top-k trim for any density is one compare, and a streamed export computes them per tensor.
 Random drops use a counter-based hash of (seed, tensor name, parent, element index), so the search's candidate and
 the exported model are the same weights, in any order, on any device.
@@ -79,9 +79,11 @@ def tensor_seeds(seed: int, name: str, n: int, device: torch.device | str = "cpu
 
 
 def random_bits(seeds: Tensor, m: int) -> Tensor:
-    """32 uniform random bits per entry, int64 [N, M]: a counter-based integer hash of (seed, index).
+    """31 uniform random bits per entry, int32 [N, M]: a counter-based integer hash of (seed, index).
 
-    Every product stays below 2**63, so the arithmetic is exact in int64 on every backend.
+    They depend on the seed and the parents' shapes only, never on a candidate's densities, so a worker computes them
+    once per seed and a random drop costs one compare, like a magnitude trim.  Every product stays below 2**63, so
+    the arithmetic is exact in int64 on every backend.
     """
     h = torch.arange(m, dtype=torch.int64, device=seeds.device)[None, :] + seeds[:, None]
     h &= _MASK32  # in place: the eager (export) path keeps one [N, M] int64 buffer alive, not six
@@ -92,12 +94,13 @@ def random_bits(seeds: Tensor, m: int) -> Tensor:
     h *= 0x2C1B3C6D
     h &= _MASK32
     h ^= h >> 16
-    return h
+    return (h >> 1).to(torch.int32)
 
 
-def _keep_random(seeds: Tensor, m: int, probability: Tensor) -> Tensor:
-    """Bernoulli(probability) keep mask; `probability` broadcasts against [N, M]."""
-    return random_bits(seeds, m) < (probability.double() * 2.0**32).floor().long()
+def _keep_random(bits: Tensor, probability: Tensor) -> Tensor:
+    """Bernoulli(probability) keep mask from 31-bit `bits`; `probability` broadcasts against [N, M]."""
+    threshold = (probability.double().clamp(0, 1) * 2.0**31).floor().clamp_max(2**31 - 1).to(bits.dtype)
+    return (bits < threshold) | (probability >= 1)
 
 
 # --- sparsification: which entries of each task vector survive --------------------------------------------------
@@ -131,19 +134,19 @@ def _rescaled(deltas: Tensor, kept: Tensor, probability: Tensor, rescale: bool, 
     return kept / probability.clamp_min(1e-12)
 
 
-def drop_random(deltas: Tensor, density: Tensor, seeds: Tensor, rescale: bool, mode: str) -> Tensor:
+def drop_random(deltas: Tensor, density: Tensor, bits: Tensor, rescale: bool, mode: str) -> Tensor:
     """DARE: keep each entry with probability ``density``, then rescale the survivors (see ``rescale_mode``)."""
     d = _pp(density, deltas)
-    kept = torch.where(_keep_random(seeds, deltas.shape[1], d), deltas, 0.0)
+    kept = torch.where(_keep_random(bits, d), deltas, 0.0)
     return _rescaled(deltas, kept, d, rescale, mode)
 
 
-def drop_magprune(deltas: Tensor, density: Tensor, epsilon: Tensor, row_ranks: Tensor, seeds: Tensor,
+def drop_magprune(deltas: Tensor, density: Tensor, epsilon: Tensor, row_ranks: Tensor, bits: Tensor,
                   rescale: bool, mode: str) -> Tensor:
     """DELLA MagPrune: keep probability rises with magnitude rank in the row, from density-eps to density+eps."""
     d, eps = _pp(density, deltas), _pp(epsilon, deltas)
     p = torch.where(d >= 1, 1.0, d - eps + 2 * eps * row_ranks)
-    kept = torch.where(_keep_random(seeds, deltas.shape[1], p), deltas, 0.0)
+    kept = torch.where(_keep_random(bits, p), deltas, 0.0)
     return _rescaled(deltas, kept, p, rescale, mode)
 
 
@@ -205,19 +208,19 @@ def ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, ranks
                    lambda_=lambda_)
 
 
-def dare_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, seeds: Tensor,
+def dare_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, bits: Tensor,
               normalize: bool = False, rescale: bool = True, rescale_mode: str = "density",
               lambda_: float = 1.0) -> Tensor:
     """DARE (Yu et al.) random drop and rescale, then TIES sign election."""
-    dropped = drop_random(deltas, density, seeds, rescale, rescale_mode)
+    dropped = drop_random(deltas, density, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def dare_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, seeds: Tensor,
+def dare_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, bits: Tensor,
                 normalize: bool = False, rescale: bool = True, rescale_mode: str = "density",
                 lambda_: float = 1.0) -> Tensor:
     """DARE random drop and rescale, then plain task arithmetic."""
-    dropped = drop_random(deltas, density, seeds, rescale, rescale_mode)
+    dropped = drop_random(deltas, density, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
@@ -236,18 +239,18 @@ def breadcrumbs_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tens
 
 
 def della(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, epsilon: Tensor, *, row_ranks: Tensor,
-          seeds: Tensor, normalize: bool = True, rescale: bool = True, rescale_mode: str = "density",
+          bits: Tensor, normalize: bool = True, rescale: bool = True, rescale_mode: str = "density",
           lambda_: float = 1.0) -> Tensor:
     """DELLA-Merging (Deep et al.): magnitude-ranked random drop (MagPrune) and rescale, then TIES sign election."""
-    dropped = drop_magprune(deltas, density, epsilon, row_ranks, seeds, rescale, rescale_mode)
+    dropped = drop_magprune(deltas, density, epsilon, row_ranks, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
 def della_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, epsilon: Tensor, *,
-                 row_ranks: Tensor, seeds: Tensor, normalize: bool = False, rescale: bool = True,
+                 row_ranks: Tensor, bits: Tensor, normalize: bool = False, rescale: bool = True,
                  rescale_mode: str = "density", lambda_: float = 1.0) -> Tensor:
     """DELLA MagPrune and rescale, then plain task arithmetic."""
-    dropped = drop_magprune(deltas, density, epsilon, row_ranks, seeds, rescale, rescale_mode)
+    dropped = drop_magprune(deltas, density, epsilon, row_ranks, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
@@ -283,7 +286,7 @@ class MergeMethod:
 
     ``tensor_params``: per-parent values a recipe gives per merge group, with their defaults (None = required).
     ``options``: global options with defaults.  ``aux``: what the function needs besides the tensors
-    (``ranks`` / ``row_ranks`` from the parents, ``seeds`` from the recipe seed).  ``models``: allowed number of
+    (``ranks`` / ``row_ranks`` from the parents, ``bits`` from the recipe seed).  ``models``: allowed number of
     parents (min, max).  ``uses_base``: the function works on task vectors and needs a base model.
     """
 
@@ -297,7 +300,7 @@ class MergeMethod:
 
     @property
     def random(self) -> bool:
-        return "seeds" in self.aux
+        return "bits" in self.aux
 
 
 _GTA = {"normalize": False, "lambda": 1.0}
@@ -310,17 +313,17 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod("linear", linear, {"weight": None}, {"normalize": True}, uses_base=False),
         MergeMethod("task_arithmetic", task_arithmetic, {"weight": None}, dict(_GTA)),
         MergeMethod("ties", ties, {"weight": None, "density": 1.0}, {**_GTA, "normalize": True}, aux=("ranks",)),
-        MergeMethod("dare_ties", dare_ties, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM}, aux=("seeds",)),
+        MergeMethod("dare_ties", dare_ties, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM}, aux=("bits",)),
         MergeMethod("dare_linear", dare_linear, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM},
-                    aux=("seeds",)),
+                    aux=("bits",)),
         MergeMethod("breadcrumbs", breadcrumbs, {"weight": None, "density": 1.0, "gamma": 0.01}, dict(_GTA),
                     aux=("ranks",)),
         MergeMethod("breadcrumbs_ties", breadcrumbs_ties, {"weight": None, "density": 1.0, "gamma": 0.01},
                     dict(_GTA), aux=("ranks",)),
         MergeMethod("della", della, {"weight": None, "density": 1.0, "epsilon": 0.0},
-                    {**_GTA, **_RANDOM, "normalize": True}, aux=("row_ranks", "seeds")),
+                    {**_GTA, **_RANDOM, "normalize": True}, aux=("row_ranks", "bits")),
         MergeMethod("della_linear", della_linear, {"weight": None, "density": 1.0, "epsilon": 0.0},
-                    {**_GTA, **_RANDOM}, aux=("row_ranks", "seeds")),
+                    {**_GTA, **_RANDOM}, aux=("row_ranks", "bits")),
         MergeMethod("slerp", slerp, {"t": None}, models=(1, 1)),
         MergeMethod("model_stock", model_stock, {}, models=(2, None)),
         MergeMethod("passthrough", passthrough, {"weight": None}, uses_base=False),
