@@ -109,7 +109,7 @@ def trim_magnitude(deltas: Tensor, density: Tensor, ranks: Tensor) -> Tensor:
     """TIES trim: keep each task vector's top ``floor(density * M)`` entries by magnitude, zero the rest."""
     m = deltas.shape[1]
     k = (density.double() * m).floor().long()[:, None]
-    return torch.where(ranks >= (m - k).to(ranks.dtype), deltas, 0.0)
+    return deltas * (ranks >= (m - k).to(ranks.dtype))
 
 
 def trim_outliers(deltas: Tensor, density: Tensor, gamma: Tensor, ranks: Tensor) -> Tensor:
@@ -120,7 +120,7 @@ def trim_outliers(deltas: Tensor, density: Tensor, gamma: Tensor, ranks: Tensor)
     bottom = m - keep - top
     top = torch.where(bottom < 0, top + bottom, top)
     bottom = bottom.clamp_min(0).to(ranks.dtype)
-    return torch.where((ranks >= bottom) & (ranks < (m - top).to(ranks.dtype)), deltas, 0.0)
+    return deltas * ((ranks >= bottom) & (ranks < (m - top).to(ranks.dtype)))
 
 
 def _rescaled(deltas: Tensor, kept: Tensor, probability: Tensor, rescale: bool, mode: str) -> Tensor:
@@ -137,7 +137,7 @@ def _rescaled(deltas: Tensor, kept: Tensor, probability: Tensor, rescale: bool, 
 def drop_random(deltas: Tensor, density: Tensor, bits: Tensor, rescale: bool, mode: str) -> Tensor:
     """DARE: keep each entry with probability ``density``, then rescale the survivors (see ``rescale_mode``)."""
     d = _pp(density, deltas)
-    kept = torch.where(_keep_random(bits, d), deltas, 0.0)
+    kept = deltas * _keep_random(bits, d)
     return _rescaled(deltas, kept, d, rescale, mode)
 
 
@@ -146,7 +146,7 @@ def drop_magprune(deltas: Tensor, density: Tensor, epsilon: Tensor, row_ranks: T
     """DELLA MagPrune: keep probability rises with magnitude rank in the row, from density-eps to density+eps."""
     d, eps = _pp(density, deltas), _pp(epsilon, deltas)
     p = torch.where(d >= 1, 1.0, d - eps + 2 * eps * row_ranks)
-    kept = torch.where(_keep_random(bits, p), deltas, 0.0)
+    kept = deltas * _keep_random(bits, p)
     return _rescaled(deltas, kept, p, rescale, mode)
 
 
@@ -154,8 +154,8 @@ def drop_magprune(deltas: Tensor, density: Tensor, epsilon: Tensor, row_ranks: T
 
 def sign_consensus(weighted: list[Tensor]) -> list[Tensor]:
     """TIES sign election: per entry, the sign of the summed weighted deltas; per parent, True where it agrees."""
-    positive = _add(weighted) >= 0
-    return [torch.where(positive, x > 0, x < 0) for x in weighted]
+    majority = 1 - 2 * (_add(weighted) < 0).to(weighted[0].dtype)  # +1 or -1; ties go to +, as in mergekit
+    return [x * majority > 0 for x in weighted]
 
 
 def combine(base: Tensor, deltas: Tensor, weight: Tensor, *, consensus: bool, normalize: bool,
@@ -163,13 +163,13 @@ def combine(base: Tensor, deltas: Tensor, weight: Tensor, *, consensus: bool, no
     """base + lambda * (weighted sum of task vectors, optionally sign-elected, optionally normalized).
 
     Parents are handled as a list, not a reduction over dim 0, so the compiled form is one fused pass with no
-    [N, M] intermediates.
+    [N, M] intermediates; masks multiply rather than select (``x * mask``), which vectorizes better on CPU.
     """
     w = weight.to(deltas.dtype)
     weighted = list((deltas * w[:, None]).unbind(0))
     if consensus:
         agree = sign_consensus(weighted)
-        merged = _add([torch.where(a, x, 0.0) for a, x in zip(agree, weighted)])
+        merged = _add([x * a for a, x in zip(agree, weighted)])
         divisor = _add([a * w[i] for i, a in enumerate(agree)])
         divisor = divisor + (divisor == 0)
     else:
