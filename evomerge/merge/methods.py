@@ -99,8 +99,8 @@ def random_bits(seeds: Tensor, m: int) -> Tensor:
 
 def _keep_random(bits: Tensor, probability: Tensor) -> Tensor:
     """Bernoulli(probability) keep mask from 31-bit `bits`; `probability` broadcasts against [N, M]."""
-    threshold = (probability.double().clamp(0, 1) * 2.0**31).floor().clamp_max(2**31 - 1).to(bits.dtype)
-    return (bits < threshold) | (probability >= 1)
+    last_kept = ((probability.double().clamp(0, 1) * 2.0**31).floor() - 1).to(bits.dtype)  # fits int32 at p=1
+    return bits <= last_kept
 
 
 # --- sparsification: which entries of each task vector survive --------------------------------------------------
@@ -131,7 +131,7 @@ def _rescaled(deltas: Tensor, kept: Tensor, probability: Tensor, rescale: bool, 
         after = kept.abs().sum(dim=1, keepdim=True)
         ok = (before > 1e-7) & (after > 1e-7)
         return kept * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)
-    return kept / probability.clamp_min(1e-12)
+    return kept * (1.0 / probability.clamp_min(1e-12))  # a per-parent reciprocal, then multiplies
 
 
 def drop_random(deltas: Tensor, density: Tensor, bits: Tensor, rescale: bool, mode: str) -> Tensor:
