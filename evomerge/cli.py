@@ -247,14 +247,18 @@ def export(
     study_file: Path = typer.Argument(..., help="study YAML"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="recipe YAML to write"),
     pareto: Optional[Path] = typer.Option(None, "--pareto", help="folder: one recipe YAML per Pareto-front member"),
+    fmt: str = typer.Option("evomerge", "--format", help="evomerge (this tool's recipe) or mergekit (a merge config)"),
     storage: Optional[str] = StorageOpt,
 ) -> None:
-    """Write the best trial's recipe as a standalone recipe YAML (for `evomerge merge`), or the Pareto front."""
+    """Write the best trial's recipe as a standalone YAML (evomerge's recipe or a mergekit config), or the Pareto
+    front as one recipe per member."""
     from .recipe import Recipe
     from .study import ATTR, pareto_front, trial_value
 
     if (output is None) == (pareto is None):
         _fail(ValueError("give exactly one of -o/--output FILE or --pareto DIR"))
+    if fmt not in ("evomerge", "mergekit"):
+        _fail(ValueError(f"--format: {fmt!r} is not one of evomerge, mergekit"))
     study = _open_study(study_file, storage)
     final = {r["trial"]: r for r in (study.optuna.user_attrs.get(ATTR + "final_eval") or {}).get("rows", [])}
     if pareto is not None:
@@ -264,24 +268,27 @@ def export(
                              "(it needs optimizer nsga2 and at least one completed trial)"))
         for t in front:
             path = pareto / f"trial-{t.number:05d}.yaml"
-            _write_recipe(Recipe.from_dict(t.user_attrs[ATTR + "recipe"]), path, t, final.get(t.number))
+            _write_recipe(Recipe.from_dict(t.user_attrs[ATTR + "recipe"]), path, t, final.get(t.number), fmt)
         out.print(f"wrote {len(front)} recipes to {pareto} (Pareto front on {', '.join(t.task for t in study.cfg.fitness.tasks)})")
         return
     best = study.best_trial()
     if best is None:
         _fail(ValueError(f"{study_file}: study {study.cfg.study!r} has no completed trial yet"))
-    _write_recipe(study.best_recipe(), output, best, final.get(best.number))
+    _write_recipe(study.best_recipe(), output, best, final.get(best.number), fmt)
     test = final.get(best.number, {}).get("test")
     out.print(f"wrote {output} (trial {best.number}, search score {trial_value(best):.4f}"
               + (f", test score {test:.4f})" if test is not None else ", no final evaluation yet)"))
 
 
-def _write_recipe(recipe, path: Path, trial, final: Optional[dict]) -> None:
+def _write_recipe(recipe, path: Path, trial, final: Optional[dict], fmt: str = "evomerge") -> None:
     """The recipe YAML, headed by comment lines with the trial's search and (when run) final test scores."""
     from .study import ATTR, trial_value
 
     try:
-        recipe.save(path)
+        if fmt == "mergekit":
+            _save_mergekit(recipe, path)
+        else:
+            recipe.save(path)
         lines = [f"# trial {trial.number}: search score {trial_value(trial):.4f} "
                  f"{json.dumps(trial.user_attrs.get(ATTR + 'scores'))}"]
         if final and final.get("test") is not None:
@@ -289,6 +296,8 @@ def _write_recipe(recipe, path: Path, trial, final: Optional[dict]) -> None:
         path.write_text("\n".join(lines) + "\n" + path.read_text())
     except OSError as e:
         _fail(ValueError(f"{path}: cannot write the recipe ({e.strerror})"))
+    except ValueError as e:
+        _fail(ValueError(f"{path}: {e}"))
 
 
 @app.command()
@@ -309,13 +318,32 @@ def report(
     out.print(f"wrote {summary}")
 
 
+def _save_mergekit(recipe, output: Path) -> None:
+    import yaml
+
+    from .io import inspect_model
+    from .mergekit import to_mergekit
+
+    if recipe.path is not None:
+        raise ValueError("a data-flow (layer path) recipe has no mergekit form; write the model with `evomerge merge`")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rel = recipe.with_paths_relative_to(output.resolve().parent)
+    data = to_mergekit(rel, inspect_model(recipe.base or recipe.parents[0]))
+    output.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+
+
 @app.command()
 def merge(
-    recipe_file: Path = typer.Argument(..., help="recipe YAML (from `evomerge export`)"),
+    recipe_file: Path = typer.Argument(..., help="recipe YAML: evomerge's (from `evomerge export`) or a mergekit config"),
     out_dir: Path = typer.Argument(..., help="output model directory"),
     device: str = typer.Option("auto", help="cpu, cuda, or auto"),
+    shard_size: float = typer.Option(2.0, "--shard-size", min=0.001, help="largest safetensors shard, in GB"),
 ) -> None:
-    """Materialize a recipe into a Hugging Face model directory (safetensors, config, tokenizer)."""
+    """Stream a recipe into a Hugging Face model directory: safetensors shards + index, config, tokenizer, model card.
+
+    Tensors are merged one at a time from the parents' (sharded) safetensors, so memory stays at a few tensors per
+    parent whatever the model size.
+    """
     from .config import load_recipe
     from .dataflow import write_path_model
     from .io import pick_device
@@ -323,8 +351,10 @@ def merge(
 
     try:
         recipe = load_recipe(recipe_file)
-        write = write_path_model if recipe.path is not None else write_model
-        write(recipe, out_dir, pick_device(device))
+        if recipe.path is not None:
+            write_path_model(recipe, out_dir, pick_device(device))
+        else:
+            write_model(recipe, out_dir, pick_device(device), max_shard_bytes=int(shard_size * 1e9))
     except _user_errors() as e:
         _fail(e, recipe_file)
     except OSError as e:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .merge.methods import METHODS
+from .merge.methods import METHODS, InvalidRecipe, validate
+from .mergekit import from_mergekit, is_mergekit, model_for
 from .recipe import Recipe
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -225,6 +226,10 @@ class StudyConfig(_Strict):
     def _base_when_needed(self) -> StudyConfig:
         if self.search_space.kind == "ps" and METHODS[self.merge.method].uses_base and not self.models.base:
             raise ValueError(f"merge method {self.merge.method} works on task vectors: set models.base")
+        try:
+            validate(self.merge.method, self.models.base, self.models.parents, {}, self.merge.options)
+        except InvalidRecipe as e:
+            raise ValueError(f"merge.{e.field}: {e.message}" if e.field.startswith("options") else str(e)) from None
         return self
 
     @model_validator(mode="after")
@@ -379,6 +384,8 @@ class PathFile(_Strict):
             if any(s <= 0 for s in self.scales):
                 raise ValueError("scales must be > 0")
         return self
+
+
 def check_storage_url(url: str, file: str | Path = "--storage", field: str = "") -> str:
     """A usable SQLAlchemy URL: parsed, with an installed driver (`postgresql://` picks psycopg 3 when psycopg2 is
     absent); the password never appears in the message."""
@@ -405,41 +412,29 @@ class RecipeFile(_Strict):
     method: str
     base: str | None = None
     parents: list[str] = Field(..., min_length=1)
-    groups: dict[str, dict[Literal["weight", "density"], list[float]]]
+    groups: dict[str, dict[str, list[float]]]
     options: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     path: PathFile | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> RecipeFile:
-        if self.path is not None or self.method == "passthrough":
-            if self.path is None or self.method != "passthrough":
-                raise ValueError("a layer path goes with method passthrough (and passthrough needs a path)")
-            return self
-        if self.method not in METHODS:
-            raise ValueError(f"unknown merge method {self.method!r}; allowed: {', '.join(METHODS)}")
-        m = METHODS[self.method]
-        if m.uses_base and not self.base:
-            raise ValueError(f"method {self.method} needs `base`")
-        for k in self.options:
-            if k not in m.options:
-                raise ValueError(f"option {k!r} is not one of {self.method}'s options: {', '.join(m.options) or 'none'}")
-        for g, values in self.groups.items():
-            for p, vs in values.items():
-                if len(vs) != len(self.parents):
-                    raise ValueError(f"groups.{g}.{p} has {len(vs)} values for {len(self.parents)} parents")
-                if p == "density" and any(not 0 < v <= 1 for v in vs):
-                    raise ValueError(f"groups.{g}.density values must lie in (0, 1]")
-            if "weight" not in values:
-                raise ValueError(f"groups.{g} needs a weight list")
+    def _path_is_passthrough(self) -> RecipeFile:
+        if self.path is not None and self.method != "passthrough":
+            raise ValueError("a layer path goes with method passthrough")
         return self
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe YAML; local model paths are resolved relative to the file."""
+    """Parse and validate a recipe YAML, evomerge's own or a mergekit config; model paths resolve relative to the file.
+
+    Everything is checked before any tensor is read: method, parameters and their ranges, model count, base model.
+    """
     path = Path(path)
-    return _recipe_from(path, _read_yaml(path), "")
+    data = _read_yaml(path)
+    if is_mergekit(data):
+        return _load_mergekit(path, data)
+    return _recipe_from(path, data, "")
 
 
 def _recipe_from(path: Path, data: dict, prefix: str) -> Recipe:
@@ -447,12 +442,15 @@ def _recipe_from(path: Path, data: dict, prefix: str) -> Recipe:
         rf = RecipeFile.model_validate(data)
     except ValidationError as err:
         _raise_first(path, err, prefix)
+    if rf.path is None:
+        try:
+            validate(rf.method, rf.base, rf.parents, rf.groups, rf.options)
+        except InvalidRecipe as e:
+            raise ConfigError(path, prefix + e.field, e.message) from None
     d = path.parent
     base = _resolve(d, rf.base) if rf.base else None
     parents = [_resolve(d, p) for p in rf.parents]
-    for field, p in [("base", base)] + [(f"parents.{i}", p) for i, p in enumerate(parents)]:
-        if p is not None and not Path(p).is_dir():
-            raise ConfigError(path, prefix + field, f"model directory {p} does not exist")
+    _check_dirs(path, [(prefix + "base", base)] + [(f"{prefix}parents.{i}", p) for i, p in enumerate(parents)])
     layer_path = None
     if rf.path is not None:
         layer_path = rf.path.model_dump(exclude_none=True)
@@ -480,3 +478,30 @@ def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list
                               + (" (0 is the merge of path.a, then parents)" if a else " (indices into parents)"))
         if not 0 <= l < counts[m]:
             raise ConfigError(path, f"{prefix}path.layers.{k}", f"model {m} has layers 0..{counts[m] - 1}, not {l}")
+
+
+def _check_dirs(path: Path, fields: list[tuple[str, str | None]]) -> None:
+    for field, p in fields:
+        if p is not None and not Path(p).is_dir():
+            raise ConfigError(path, field, f"model directory {p} does not exist")
+
+
+def _load_mergekit(path: Path, data: dict) -> Recipe:
+    """A mergekit config: its models must be local directories (evomerge never downloads)."""
+    from .io import ModelFilesError, inspect_model
+
+    ref = model_for(data)
+    if ref is None:
+        raise ConfigError(path, "models", "no model named (base_model, models or slices)")
+    ref_dir = _resolve(path.parent, ref)
+    _check_dirs(path, [("base_model" if data.get("base_model") else "models", ref_dir)])
+    try:
+        info = inspect_model(ref_dir)
+        recipe = from_mergekit(data, info, lambda p: _resolve(path.parent, p))
+        validate(recipe.method, recipe.base, recipe.parents, recipe.groups, recipe.options)
+    except InvalidRecipe as e:
+        raise ConfigError(path, e.field, e.message) from None
+    except ModelFilesError as e:
+        raise ConfigError(path, "models", str(e)) from None
+    _check_dirs(path, [("base_model", recipe.base)] + [(f"models.{i}", p) for i, p in enumerate(recipe.parents)])
+    return recipe

@@ -5,7 +5,9 @@ Model files are never unpickled: safetensors first, legacy ``.bin`` only through
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +110,126 @@ def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dic
         else:
             out.update({k: v.to(device) for k, v in _load_bin(f).items()})
     return out
+
+
+class TensorReader:
+    """One model directory's tensors by name, read one at a time, whatever the sharding.
+
+    Each read opens its shard and closes it again: the memory map is released with the tensor copied out, so reading a
+    whole model tensor by tensor never holds more than one tensor of it (a long-lived map would count every page read
+    so far in the process's resident memory).  The name-to-shard map comes from ``*.index.json`` when present, else
+    from the shards' headers.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        files = weight_files(self.path)
+        self._bin: dict[str, torch.Tensor] | None = None
+        self._where: dict[str, Path] = {}
+        if files[0].suffix != ".safetensors":
+            self._bin = {}
+            for f in files:
+                self._bin.update(_load_bin(f))
+            return
+        index = sorted(self.path.glob("*.safetensors.index.json"))
+        if index:
+            try:
+                weight_map = json.loads(index[0].read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ModelFilesError(f"{index[0]}: not a valid safetensors index ({e})") from e
+            self._where = {k: self.path / v for k, v in weight_map.items()}
+            missing = sorted({str(f) for f in self._where.values() if not f.is_file()})
+            if missing:
+                raise ModelFilesError(f"{index[0]}: names shard {missing[0]}, which does not exist")
+            return
+        for f in files:
+            try:
+                with safe_open(f, framework="pt") as st:
+                    self._where.update({k: f for k in st.keys()})
+            except Exception as e:
+                raise ModelFilesError(f"{f}: not a readable safetensors file ({e})") from e
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._bin is not None:
+            return self._bin[name]
+        with safe_open(self._where[name], framework="pt") as st:
+            return st.get_tensor(name)
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_sharded(out_dir: Path, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                  produce: Callable[[str], torch.Tensor], max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
+    """Write safetensors shards (+ ``model.safetensors.index.json`` when more than one), one tensor at a time.
+
+    Shapes and dtypes are known before any tensor is computed, so every shard's header is written first and each
+    tensor is written as soon as `produce(name)` returns it: peak memory is one tensor, not one shard.  (The
+    safetensors library only writes whole dicts, hence this small writer; its files read back with ``safe_open``.)
+    """
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+    size = 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype, nbytes))
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    written = []
+    for shard, fname in zip(shards, names):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in shard:
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out_dir / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name, shape, dtype, nbytes in shard:
+                t = produce(name).to(device="cpu", dtype=dtype).contiguous()
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{name}: produced shape {list(t.shape)}, planned {list(shape)}")
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        written.append(out_dir / fname)
+    if n > 1:
+        weight_map = {name: fname for shard, fname in zip(shards, names) for name, *_ in shard}
+        total = sum(e[3] for shard in shards for e in shard)
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return written
+
+
+def model_license(path: str | Path) -> str | None:
+    """The license a model states: its card's YAML front matter (``license:``), else its config.json."""
+    path = Path(path)
+    card = path / "README.md"
+    if card.is_file():
+        text = card.read_text(errors="replace")
+        if text.startswith("---"):
+            import yaml
+
+            try:
+                front = yaml.safe_load(text.split("---", 2)[1])
+            except yaml.YAMLError:
+                front = None
+            if isinstance(front, dict) and front.get("license"):
+                return str(front["license"])
+    cfg = path / "config.json"
+    if cfg.is_file():
+        try:
+            value = json.loads(cfg.read_text()).get("license")
+        except json.JSONDecodeError:
+            value = None
+        if value:
+            return str(value)
+    return None
 
 
 def check_compatible(models: list[ModelInfo]) -> None:

@@ -1,126 +1,332 @@
-"""Merge methods: one short pure function per method over stacked tensors, parameters declared beside the math.
+"""Merge methods: one short pure function per method over stacked, flattened tensors, parameters declared beside it.
 
-Every function takes the parents' tensors stacked on dim 0 (``deltas`` are task vectors, parent minus base) and
-per-parent ``weight`` / ``density`` vectors, computes in the dtype it is given (the materializer hands it fp32), and
-returns the merged tensor.  Meanings and defaults follow mergekit's, so a mergekit config means the same here:
-``normalize`` divides by the sum of the weights that contribute to each entry; ``rescale`` (DARE) divides kept
-entries by the density so the expectation of the task vector is preserved.
+Every function sees one tensor of the model at a time, flattened: ``base`` [M] and ``deltas`` (task vectors, parent
+minus base) or ``params`` (the parents themselves) stacked as [N, M], and per-parent parameter vectors [N] (``weight``,
+``density``, ``gamma``, ``epsilon``, ``t``).  Everything is tensor arithmetic — no ``.item()``, no Python branching on
+values — so one function serves the eager path, the ``torch.compile``'d path and CUDA, and a candidate never syncs.
+
+Names, meanings and defaults follow mergekit's documentation, so a mergekit config means the same here:
+``normalize`` divides by the sum of the weights that contribute to each entry; ``lambda`` scales the merged task
+vector; ``rescale`` compensates the entries a random drop removed.  Where mergekit and the papers differ, ``rescale_mode``
+names the choice: ``density`` (default; the DARE/DELLA papers: divide survivors by their keep probability, which keeps
+the expectation of every entry) or ``l1`` (current mergekit: scale survivors so each task vector keeps its L1 norm).
+
+What a magnitude or random selection needs is an *auxiliary* input computed from the parents alone (``ranks``,
+``row_ranks``) or from the seed (``bits``): a resident worker computes the former once per study (see
+``Materializer``) so that a top-k trim for any density is one compare, and a streamed export computes them per tensor.
+Random drops use a counter-based hash of (seed, tensor name, parent, element index), so the search's candidate and
+the exported model are the same weights, in any order, on any device.
 """
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-
-def _per_parent(v: Tensor, like: Tensor) -> Tensor:
-    """Shape a per-parent vector [N] to broadcast against stacked tensors [N, ...]."""
-    return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+_MASK32 = 0xFFFFFFFF
 
 
-def trim_magnitude(deltas: Tensor, density: Tensor) -> Tensor:
-    """TIES trim: keep each task vector's top `density` fraction of entries by magnitude, zero the rest."""
-    out = deltas.clone()
-    for i, d in enumerate(density.tolist()):
-        if d >= 1.0:
-            continue
-        flat = out[i].reshape(-1)
-        drop = int(round(flat.numel() * (1.0 - d)))
-        if drop <= 0:
-            continue
-        if drop >= flat.numel():
-            flat.zero_()
-            continue
-        threshold = flat.abs().kthvalue(drop).values
-        flat.mul_(flat.abs() > threshold)
-    return out
+def _pp(v: Tensor, like: Tensor) -> Tensor:
+    """A per-parent vector [N] shaped [N, 1] to broadcast against stacked tensors [N, M]."""
+    return v.to(like.dtype)[:, None]
 
 
-def drop_random(deltas: Tensor, density: Tensor, rescale: bool, generator: torch.Generator | None) -> Tensor:
-    """DARE: keep each entry with probability `density`; with `rescale`, divide survivors by it (unbiased)."""
-    keep = torch.rand(deltas.shape, generator=generator, device=deltas.device, dtype=deltas.dtype)
-    d = _per_parent(density, deltas)
-    out = deltas * (keep < d)
-    return out / d.clamp_min(1e-12) if rescale else out
+def _add(parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Sum over the parents as a chain of adds: fuses into one pass where a reduction over dim 0 would not."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
-def sign_consensus(weighted: Tensor) -> Tensor:
-    """TIES sign election: per entry, the sign of the summed weighted deltas; mask the parents that agree."""
-    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == majority
+def _sum0(x: Tensor) -> Tensor:
+    return _add(x.unbind(0))
 
 
-def _combine(base: Tensor, deltas: Tensor, weight: Tensor, *, consensus: bool, normalize: bool) -> Tensor:
-    """Shared tail of the task-vector methods: weight, optionally elect signs, sum, optionally normalize."""
-    w = _per_parent(weight, deltas)
-    weighted = deltas * w
+# --- auxiliary inputs: computed once per worker (resident) or per tensor (export) ----------------------------------
+
+def magnitude_ranks(deltas: Tensor) -> Tensor:
+    """Rank of each entry's magnitude within its task vector (0 = smallest), ties broken by position: int32 [N, M].
+
+    With ranks, "keep the top k" is the exact compare ``rank >= M - k`` for any k, with mergekit's top-k count.
+    """
+    order = torch.argsort(deltas.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order, dtype=torch.int32)
+    ranks.scatter_(1, order, torch.arange(deltas.shape[1], dtype=torch.int32, device=deltas.device).expand_as(order))
+    return ranks
+
+
+def row_rank_fractions(deltas: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """DELLA's MagPrune ranks: each entry's magnitude rank within its row of the original tensor, scaled to [0, 1]."""
+    cols = shape[-1] if len(shape) > 1 else deltas.shape[1]
+    rows = deltas.reshape(deltas.shape[0], -1, cols).abs()
+    order = torch.argsort(rows, dim=2, stable=True)
+    ranks = torch.empty_like(rows)
+    steps = torch.arange(cols, dtype=rows.dtype, device=rows.device) / max(cols - 1, 1)
+    ranks.scatter_(2, order, steps.expand_as(order))
+    return ranks.reshape(deltas.shape)
+
+
+def tensor_seeds(seed: int, name: str, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """Per-parent 31-bit seeds for one tensor, from the recipe seed and the tensor's name (not its position)."""
+    s = zlib.crc32(f"{seed}:{name}".encode())
+    return torch.tensor([(s * 0x9E3779B1 + i * 0x7F4A7C15) % 0x7FFFFFFF for i in range(n)], dtype=torch.int64,
+                        device=device)
+
+
+def random_bits(seeds: Tensor, m: int) -> Tensor:
+    """31 uniform random bits per entry, int32 [N, M]: a counter-based integer hash of (seed, index).
+
+    They depend on the seed and the parents' shapes only, never on a candidate's densities, so a worker computes them
+    once per seed and a random drop costs one compare, like a magnitude trim.  Every product stays below 2**63, so
+    the arithmetic is exact in int64 on every backend.
+    """
+    h = torch.arange(m, dtype=torch.int64, device=seeds.device)[None, :] + seeds[:, None]
+    h &= _MASK32  # in place: the eager (export) path keeps one [N, M] int64 buffer alive, not six
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h &= _MASK32
+    h ^= h >> 15
+    h *= 0x2C1B3C6D
+    h &= _MASK32
+    h ^= h >> 16
+    return (h >> 1).to(torch.int32)
+
+
+def _keep_random(bits: Tensor, probability: Tensor) -> Tensor:
+    """Bernoulli(probability) keep mask from 31-bit `bits`; `probability` broadcasts against [N, M]."""
+    last_kept = ((probability.double().clamp(0, 1) * 2.0**31).floor() - 1).to(bits.dtype)  # fits int32 at p=1
+    return bits <= last_kept
+
+
+# --- sparsification: which entries of each task vector survive --------------------------------------------------
+
+def trim_magnitude(deltas: Tensor, density: Tensor, ranks: Tensor) -> Tensor:
+    """TIES trim: keep each task vector's top ``floor(density * M)`` entries by magnitude, zero the rest."""
+    m = deltas.shape[1]
+    k = (density.double() * m).floor().long()[:, None]
+    return deltas * (ranks >= (m - k).to(ranks.dtype))
+
+
+def trim_outliers(deltas: Tensor, density: Tensor, gamma: Tensor, ranks: Tensor) -> Tensor:
+    """Model Breadcrumbs: drop the top ``gamma`` fraction (outliers) and the smallest, keeping ``density`` in all."""
+    m = deltas.shape[1]
+    keep = (density.double() * m).floor().long()[:, None]
+    top = (gamma.double() * m).floor().long()[:, None]
+    bottom = m - keep - top
+    top = torch.where(bottom < 0, top + bottom, top)
+    bottom = bottom.clamp_min(0).to(ranks.dtype)
+    return deltas * ((ranks >= bottom) & (ranks < (m - top).to(ranks.dtype)))
+
+
+def _rescaled(deltas: Tensor, kept: Tensor, probability: Tensor, rescale: bool, mode: str) -> Tensor:
+    if not rescale:
+        return kept
+    if mode == "l1":
+        before = deltas.abs().sum(dim=1, keepdim=True)
+        after = kept.abs().sum(dim=1, keepdim=True)
+        ok = (before > 1e-7) & (after > 1e-7)
+        return kept * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)
+    return kept * (1.0 / probability.clamp_min(1e-12))  # a per-parent reciprocal, then multiplies
+
+
+def drop_random(deltas: Tensor, density: Tensor, bits: Tensor, rescale: bool, mode: str) -> Tensor:
+    """DARE: keep each entry with probability ``density``, then rescale the survivors (see ``rescale_mode``)."""
+    d = _pp(density, deltas)
+    kept = deltas * _keep_random(bits, d)
+    return _rescaled(deltas, kept, d, rescale, mode)
+
+
+def drop_magprune(deltas: Tensor, density: Tensor, epsilon: Tensor, row_ranks: Tensor, bits: Tensor,
+                  rescale: bool, mode: str) -> Tensor:
+    """DELLA MagPrune: keep probability rises with magnitude rank in the row, from density-eps to density+eps."""
+    d, eps = _pp(density, deltas), _pp(epsilon, deltas)
+    p = torch.where(d >= 1, 1.0, d - eps + 2 * eps * row_ranks)
+    kept = deltas * _keep_random(bits, p)
+    return _rescaled(deltas, kept, p, rescale, mode)
+
+
+# --- combination: the shared tail of the task-vector methods ------------------------------------------------------
+
+def sign_consensus(weighted: list[Tensor]) -> list[Tensor]:
+    """TIES sign election: per entry, the sign of the summed weighted deltas; per parent, True where it agrees."""
+    majority = 1 - 2 * (_add(weighted) < 0).to(weighted[0].dtype)  # +1 or -1; ties go to +, as in mergekit
+    return [x * majority > 0 for x in weighted]
+
+
+def combine(base: Tensor, deltas: Tensor, weight: Tensor, *, consensus: bool, normalize: bool,
+            lambda_: float) -> Tensor:
+    """base + lambda * (weighted sum of task vectors, optionally sign-elected, optionally normalized).
+
+    Parents are handled as a list, not a reduction over dim 0, so the compiled form is one fused pass with no
+    [N, M] intermediates; masks multiply rather than select (``x * mask``), which vectorizes better on CPU.
+    """
+    w = weight.to(deltas.dtype)
+    weighted = list((deltas * w[:, None]).unbind(0))
     if consensus:
-        mask = sign_consensus(weighted)
-        merged = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        agree = sign_consensus(weighted)
+        merged = _add([x * a for a, x in zip(agree, weighted)])
+        divisor = _add([a * w[i] for i, a in enumerate(agree)])
+        divisor = divisor + (divisor == 0)
     else:
-        merged = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    return base + (merged / divisor if normalize else merged)
+        merged = _add(weighted)
+        divisor = w.sum()
+        divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
+    if normalize:
+        merged = merged / divisor
+    return base + lambda_ * merged
 
+
+# --- the methods ---------------------------------------------------------------------------------------------------
 
 def linear(params: Tensor, weight: Tensor, *, normalize: bool = True) -> Tensor:
-    """Weighted average of the parents themselves (no base): model soups."""
-    w = _per_parent(weight, params)
-    merged = (params * w).sum(dim=0)
-    total = float(weight.sum())
-    return merged / total if normalize and abs(total) > 1e-8 else merged
+    """Weighted average of the parents themselves (model soups)."""
+    merged = _sum0(params * _pp(weight, params))
+    total = weight.sum()
+    return merged / torch.where(total.abs() < 1e-8, 1.0, total) if normalize else merged
 
 
-def task_arithmetic(base: Tensor, deltas: Tensor, weight: Tensor, *, normalize: bool = False) -> Tensor:
+def passthrough(params: Tensor, weight: Tensor) -> Tensor:
+    """Take one parent's tensor (the one with a non-zero weight), times that weight (mergekit's ``scale``)."""
+    return _sum0(params * _pp(weight, params))
+
+
+def task_arithmetic(base: Tensor, deltas: Tensor, weight: Tensor, *, normalize: bool = False,
+                    lambda_: float = 1.0) -> Tensor:
     """base + sum_i weight_i * task_vector_i (Ilharco et al.)."""
-    return _combine(base, deltas, weight, consensus=False, normalize=normalize)
+    return combine(base, deltas, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, normalize: bool = True) -> Tensor:
+def ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, ranks: Tensor, normalize: bool = True,
+         lambda_: float = 1.0) -> Tensor:
     """TIES-Merging (Yadav et al.): trim by magnitude, elect signs, merge the agreeing entries."""
-    return _combine(base, trim_magnitude(deltas, density), weight, consensus=True, normalize=normalize)
+    return combine(base, trim_magnitude(deltas, density, ranks), weight, consensus=True, normalize=normalize,
+                   lambda_=lambda_)
 
 
-def dare_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, normalize: bool = False,
-              rescale: bool = True, generator: torch.Generator | None = None) -> Tensor:
+def dare_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, bits: Tensor,
+              normalize: bool = False, rescale: bool = True, rescale_mode: str = "density",
+              lambda_: float = 1.0) -> Tensor:
     """DARE (Yu et al.) random drop and rescale, then TIES sign election."""
-    dropped = drop_random(deltas, density, rescale, generator)
-    return _combine(base, dropped, weight, consensus=True, normalize=normalize)
+    dropped = drop_random(deltas, density, bits, rescale, rescale_mode)
+    return combine(base, dropped, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def dare_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, normalize: bool = False,
-                rescale: bool = True, generator: torch.Generator | None = None) -> Tensor:
+def dare_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, bits: Tensor,
+                normalize: bool = False, rescale: bool = True, rescale_mode: str = "density",
+                lambda_: float = 1.0) -> Tensor:
     """DARE random drop and rescale, then plain task arithmetic."""
-    dropped = drop_random(deltas, density, rescale, generator)
-    return _combine(base, dropped, weight, consensus=False, normalize=normalize)
+    dropped = drop_random(deltas, density, bits, rescale, rescale_mode)
+    return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
+
+def breadcrumbs(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, gamma: Tensor, *, ranks: Tensor,
+                normalize: bool = False, lambda_: float = 1.0) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky): drop outliers and small entries, then task arithmetic."""
+    return combine(base, trim_outliers(deltas, density, gamma, ranks), weight, consensus=False, normalize=normalize,
+                   lambda_=lambda_)
+
+
+def breadcrumbs_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, gamma: Tensor, *, ranks: Tensor,
+                     normalize: bool = False, lambda_: float = 1.0) -> Tensor:
+    """Model Breadcrumbs trim, then TIES sign election."""
+    return combine(base, trim_outliers(deltas, density, gamma, ranks), weight, consensus=True, normalize=normalize,
+                   lambda_=lambda_)
+
+
+def della(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, epsilon: Tensor, *, row_ranks: Tensor,
+          bits: Tensor, normalize: bool = True, rescale: bool = True, rescale_mode: str = "density",
+          lambda_: float = 1.0) -> Tensor:
+    """DELLA-Merging (Deep et al.): magnitude-ranked random drop (MagPrune) and rescale, then TIES sign election."""
+    dropped = drop_magprune(deltas, density, epsilon, row_ranks, bits, rescale, rescale_mode)
+    return combine(base, dropped, weight, consensus=True, normalize=normalize, lambda_=lambda_)
+
+
+def della_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, epsilon: Tensor, *,
+                 row_ranks: Tensor, bits: Tensor, normalize: bool = False, rescale: bool = True,
+                 rescale_mode: str = "density", lambda_: float = 1.0) -> Tensor:
+    """DELLA MagPrune and rescale, then plain task arithmetic."""
+    dropped = drop_magprune(deltas, density, epsilon, row_ranks, bits, rescale, rescale_mode)
+    return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
+
+
+def slerp(base: Tensor, deltas: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation from the base (t=0) to the one parent (t=1); linear when the two are nearly parallel."""
+    v0, v1 = base, base + deltas[0]
+    tt = t[0].to(base.dtype)
+    n0, n1 = v0.norm(), v1.norm()
+    dot = (v0 / torch.where(n0 > 1e-8, n0, 1.0) * (v1 / torch.where(n1 > 1e-8, n1, 1.0))).sum().clamp(-1, 1)
+    theta = torch.arccos(dot)
+    sin_theta = torch.where(dot.abs() > 0.9995, 1.0, torch.sin(theta))
+    s0 = torch.where(dot.abs() > 0.9995, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    s1 = torch.where(dot.abs() > 0.9995, tt, torch.sin(tt * theta) / sin_theta)
+    return s0 * v0 + s1 * v1
+
+
+def model_stock(base: Tensor, deltas: Tensor) -> Tensor:
+    """Model Stock (Jang et al.): move from the base toward the parents' average by the angle between task vectors."""
+    n = deltas.shape[0]
+    norms = deltas.norm(dim=1)
+    cosines = [(deltas[i] * deltas[j]).sum() / (norms[i] * norms[j]).clamp_min(1e-6)
+               for i in range(n) for j in range(i + 1, n)]
+    cos = torch.stack(cosines).mean().clamp(-1, 1)
+    ratio = n * cos / (1 + (n - 1) * cos)
+    return base + ratio * _sum0(deltas) / n
+
+
+# --- the registry --------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method: its function, the per-parent tensor parameters, and global options with defaults."""
+    """A registered method.
+
+    ``tensor_params``: per-parent values a recipe gives per merge group, with their defaults (None = required).
+    ``options``: global options with defaults.  ``aux``: what the function needs besides the tensors
+    (``ranks`` / ``row_ranks`` from the parents, ``bits`` from the recipe seed).  ``models``: allowed number of
+    parents (min, max).  ``uses_base``: the function works on task vectors and needs a base model.
+    """
 
     name: str
     fn: Callable[..., Tensor]
-    tensor_params: tuple[str, ...]
+    tensor_params: dict[str, float | None]
     options: dict[str, Any] = field(default_factory=dict)
     uses_base: bool = True
-    random: bool = False
+    aux: tuple[str, ...] = ()
+    models: tuple[int, int | None] = (1, None)
 
+    @property
+    def random(self) -> bool:
+        return "bits" in self.aux
+
+
+_GTA = {"normalize": False, "lambda": 1.0}
+_RANDOM = {"rescale": True, "rescale_mode": "density"}
+RESCALE_MODES = ("density", "l1")
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
-        MergeMethod("linear", linear, ("weight",), {"normalize": True}, uses_base=False),
-        MergeMethod("task_arithmetic", task_arithmetic, ("weight",), {"normalize": False}),
-        MergeMethod("ties", ties, ("weight", "density"), {"normalize": True}),
-        MergeMethod("dare_ties", dare_ties, ("weight", "density"), {"normalize": False, "rescale": True}, random=True),
-        MergeMethod("dare_linear", dare_linear, ("weight", "density"), {"normalize": False, "rescale": True},
-                    random=True),
+        MergeMethod("linear", linear, {"weight": None}, {"normalize": True}, uses_base=False),
+        MergeMethod("task_arithmetic", task_arithmetic, {"weight": None}, dict(_GTA)),
+        MergeMethod("ties", ties, {"weight": None, "density": 1.0}, {**_GTA, "normalize": True}, aux=("ranks",)),
+        MergeMethod("dare_ties", dare_ties, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM}, aux=("bits",)),
+        MergeMethod("dare_linear", dare_linear, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM},
+                    aux=("bits",)),
+        MergeMethod("breadcrumbs", breadcrumbs, {"weight": None, "density": 1.0, "gamma": 0.01}, dict(_GTA),
+                    aux=("ranks",)),
+        MergeMethod("breadcrumbs_ties", breadcrumbs_ties, {"weight": None, "density": 1.0, "gamma": 0.01},
+                    dict(_GTA), aux=("ranks",)),
+        MergeMethod("della", della, {"weight": None, "density": 1.0, "epsilon": 0.0},
+                    {**_GTA, **_RANDOM, "normalize": True}, aux=("row_ranks", "bits")),
+        MergeMethod("della_linear", della_linear, {"weight": None, "density": 1.0, "epsilon": 0.0},
+                    {**_GTA, **_RANDOM}, aux=("row_ranks", "bits")),
+        MergeMethod("slerp", slerp, {"t": None}, models=(1, 1)),
+        MergeMethod("model_stock", model_stock, {}, models=(2, None)),
+        MergeMethod("passthrough", passthrough, {"weight": None}, uses_base=False),
     )
 }
 
@@ -130,3 +336,86 @@ def get_method(name: str) -> MergeMethod:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown merge method {name!r}; allowed: {', '.join(METHODS)}") from None
+
+
+def apply(method: MergeMethod, base: Tensor | None, stacked: Tensor, params: dict[str, Tensor],
+          aux: dict[str, Tensor], options: dict[str, Any]) -> Tensor:
+    """Call a method's function on one flattened tensor: `stacked` is deltas [N, M] (or parents, without a base)."""
+    kwargs = {("lambda_" if k == "lambda" else k): v for k, v in {**method.options, **options}.items()}
+    tensors = {p: params[p] for p in method.tensor_params}
+    if method.uses_base:
+        return method.fn(base, stacked, **tensors, **{a: aux[a] for a in method.aux}, **kwargs)
+    return method.fn(stacked, **tensors, **kwargs)
+
+
+# --- validation: everything that can be checked before any tensor is read -----------------------------------------
+
+class InvalidRecipe(ValueError):
+    """A recipe that no model could satisfy; `field` is the dotted path of the offending entry."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
+_OPTION_TYPES = {"normalize": bool, "rescale": bool, "lambda": (int, float), "rescale_mode": str}
+
+
+def validate(method_name: str, base: str | None, parents: list[str], groups: dict[str, dict[str, list[float]]],
+             options: dict[str, Any]) -> MergeMethod:
+    """Check a recipe against its method's contract; raise `InvalidRecipe` naming the field, else return the method."""
+    if method_name not in METHODS:
+        raise InvalidRecipe("method", f"unknown merge method {method_name!r}; allowed: {', '.join(METHODS)}")
+    m = METHODS[method_name]
+    if m.uses_base and not base:
+        raise InvalidRecipe("base", f"method {m.name} works on task vectors (parent minus base): set the base model")
+    lo, hi = m.models
+    if len(parents) < lo or (hi is not None and len(parents) > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        extra = " (slerp interpolates two models: the base, at t=0, and one parent)" if m.name == "slerp" else ""
+        raise InvalidRecipe("parents", f"method {m.name} takes {want} parent(s) besides the base, got {len(parents)}"
+                                       f"{extra}")
+    for k, v in options.items():
+        if k not in m.options:
+            raise InvalidRecipe(f"options.{k}", f"not an option of {m.name}; allowed: {', '.join(m.options) or 'none'}")
+        if not isinstance(v, _OPTION_TYPES[k]) or (k == "lambda" and isinstance(v, bool)):
+            raise InvalidRecipe(f"options.{k}", f"expected {_OPTION_TYPES[k]}, got {v!r}")
+        if k == "rescale_mode" and v not in RESCALE_MODES:
+            raise InvalidRecipe(f"options.{k}", f"{v!r} is not one of {', '.join(RESCALE_MODES)}")
+    normalize = {**m.options, **options}.get("normalize", False)
+    for g, values in groups.items():
+        _validate_group(m, f"groups.{g}", values, len(parents), normalize)
+    return m
+
+
+def _validate_group(m: MergeMethod, where: str, values: dict[str, list[float]], n: int, normalize: bool) -> None:
+    for p, vs in values.items():
+        if p not in m.tensor_params:
+            raise InvalidRecipe(f"{where}.{p}", f"not a parameter of {m.name}; allowed: "
+                                                f"{', '.join(m.tensor_params) or 'none'}")
+        if not isinstance(vs, list) or len(vs) != n or not all(isinstance(v, (int, float)) for v in vs):
+            raise InvalidRecipe(f"{where}.{p}", f"expected a list of {n} numbers (one per parent), got {vs!r}")
+        if not all(math.isfinite(v) for v in vs):
+            raise InvalidRecipe(f"{where}.{p}", "values must be finite")
+    for p, default in m.tensor_params.items():
+        if default is None and p not in values:
+            raise InvalidRecipe(f"{where}.{p}", f"required by {m.name} (one value per parent)")
+    full = {p: values.get(p, [d] * n) for p, d in m.tensor_params.items()}
+    bounds = {"density": (0.0, 1.0, "(0, 1]"), "t": (0.0, 1.0, "[0, 1]"), "gamma": (0.0, 1.0, "[0, 1)"),
+              "epsilon": (0.0, 1.0, "[0, 1)")}
+    for p, (lo, hi, text) in bounds.items():
+        for v in full.get(p, []):
+            bad = (v <= lo if p == "density" else v < lo) or (v >= hi if p in ("gamma", "epsilon") else v > hi)
+            if bad:
+                raise InvalidRecipe(f"{where}.{p}", f"{v} is outside {text}")
+    if "epsilon" in full:
+        for d, e in zip(full["density"], full["epsilon"]):
+            if d < 1 and (d - e < 0 or d + e > 1):
+                raise InvalidRecipe(f"{where}.epsilon", f"density ± epsilon must lie within [0, 1] (density {d}, "
+                                                        f"epsilon {e})")
+    if normalize and "weight" in full and abs(sum(full["weight"])) < 1e-8:
+        raise InvalidRecipe(f"{where}.weight", "weights sum to zero, which `normalize` would divide by; "
+                                               "set options.normalize: false or change the weights")
+    if m.name == "passthrough" and sum(w != 0 for w in full["weight"]) != 1:
+        raise InvalidRecipe(f"{where}.weight", "passthrough takes each group from exactly one parent: "
+                                               "give exactly one non-zero weight (its scale)")

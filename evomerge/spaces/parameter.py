@@ -76,16 +76,23 @@ class ParameterSpace(SearchSpace):
             if self._is_searched(block):
                 values = {p: [r.at(next(it)) for _ in range(n)] for p, r in self.ranges.items()}
             else:
-                values = {p: [self.fixed[p]] * n for p in self.method.tensor_params}
+                values = {p: [self._fixed(p)] * n for p in self.method.tensor_params}
             for m in members:
                 groups[m] = {p: list(v) for p, v in values.items()}
         return Recipe(method=self.method.name, parents=self.parents, base=self.base, groups=groups,
                       options=self.options, dtype=self.dtype, seed=seed)
 
+    def _fixed(self, param: str) -> float:
+        """A value for a parameter this space does not search: the preset's, else the method's default."""
+        default = self.method.tensor_params[param]
+        return self.fixed.get(param, 0.5 if default is None else default)
+
     def uniform(self, weight: float, density: float | None = None, seed: int = 0) -> Recipe:
         """The same method with one weight (and density) for every group and parent: the baseline search must beat."""
-        values = {"weight": weight}
-        if "density" in self.method.tensor_params:
+        values = {p: self._fixed(p) for p in self.method.tensor_params}
+        if "weight" in values:
+            values["weight"] = weight
+        if "density" in values:
             values["density"] = 1.0 if density is None else density
         n = len(self.parents)
         groups = {m: {p: [v] * n for p, v in values.items()} for ms in self._blocks.values() for m in ms}
