@@ -83,7 +83,9 @@ class SearchSpaceConfig(_Strict):
     groups: list[Literal["embed", "layers", "head"]] = Field(default_factory=lambda: ["embed", "layers", "head"])
     weight: RangeConfig = RangeConfig(low=0.0, high=1.0)
     density: RangeConfig = RangeConfig(low=0.1, high=1.0)
-    fixed: dict[Literal["weight", "density"], float] = Field(default_factory=lambda: {"weight": 0.5, "density": 1.0})
+    t: RangeConfig = Field(RangeConfig(low=0.0, high=1.0), description="slerp's interpolation factor, searched for slerp")
+    fixed: dict[Literal["weight", "density", "t", "gamma", "epsilon"], float] = Field(
+        default_factory=lambda: {"weight": 0.5, "density": 1.0})
 
     layout: Literal["published", "positions"] = "published"
     repeats: int = Field(3, ge=1, description="published layout: how many times the source layers are laid out")
@@ -93,6 +95,8 @@ class SearchSpaceConfig(_Strict):
     def _density_in_range(self) -> SearchSpaceConfig:
         if self.density.low <= 0 or self.density.high > 1:
             raise ValueError("density range must lie within (0, 1]")
+        if self.t.low < 0 or self.t.high > 1:
+            raise ValueError("t range must lie within [0, 1]")
         return self
 
     @model_validator(mode="after")

@@ -46,7 +46,7 @@ class Score:
     examples: int = 0
     stages: list[dict] = field(default_factory=list)
     full: bool = True
-    forward_s: float = 0.0
+    forward_s: float = field(default=0.0, compare=False)  # a timing, not part of what the score is
 
 
 # Public benchmarks whose configured test split is the benchmark's held-out test set (Hub dataset ids, as lm-eval's

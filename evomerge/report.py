@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from .study import ATTR, summarize  # noqa: E402
+from .study import ATTR, ranked_trials, summarize, trial_value  # noqa: E402
 
 DPI = 100
 
@@ -37,15 +37,15 @@ def _group_key(g: str) -> tuple[int, int]:
 def plot_scores(trials: list[optuna.trial.FrozenTrial], out: Path) -> Path:
     """Every trial's score in the order it was proposed, the best so far as a step line, failures as red crosses."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    done = [t for t in trials if t.state == TrialState.COMPLETE and not np.isnan(trial_value(t))]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if done:
         xs = [t.number for t in done]
-        ys = [t.value for t in done]
+        ys = [trial_value(t) for t in done]
         ax.scatter(xs, ys, s=12, alpha=0.6, label="trial")
         ax.step(xs, np.maximum.accumulate(ys), where="post", color="C1", linewidth=2, label="best so far")
     if failed:
-        floor = min((t.value for t in done), default=0.0)
+        floor = min((trial_value(t) for t in done), default=0.0)
         ax.scatter([t.number for t in failed], [floor] * len(failed), marker="x", color="red", label="failed")
     ax.set_xlabel("trial")
     ax.set_ylabel("fitness (search split)")
@@ -105,19 +105,22 @@ def plot_recipe(recipe: dict, out: Path) -> Path:
     return out
 
 
-def plot_path(path: list[dict], parents: list[str], out: Path) -> Path:
-    """A data-flow path: position in the merged model (x) against the parent layer it runs (y), one colour per
-    parent, marker area by the step's scale.
+def plot_path(path: dict, sources: list[str], out: Path) -> Path:
+    """A data-flow path: position in the merged model (x) against the source layer it runs (y), one colour per
+    source model, marker area by the scale on the stream entering that position.
 
-    `path` is a list of ``{"parent": index into parents, "layer": source layer, "scale": float}``, in order.
+    `path` is a recipe's ``path``: ``layers`` as ``[model, layer]`` pairs in order, optional ``scales``; `sources`
+    names the models the indices refer to.
     """
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(path) + 2), 4), dpi=DPI)
-    xs = np.arange(len(path))
-    ys = [s["layer"] for s in path]
+    layers = path["layers"]
+    scales = path.get("scales") or [1.0] * len(layers)
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers) + 2), 4), dpi=DPI)
+    xs = np.arange(len(layers))
+    ys = [layer for _, layer in layers]
     ax.plot(xs, ys, color="grey", linewidth=0.8, zorder=1)
-    for k, name in enumerate(parents):
-        idx = [i for i, s in enumerate(path) if s["parent"] == k]
-        ax.scatter(idx, [ys[i] for i in idx], s=[20 + 60 * abs(path[i].get("scale", 1.0)) for i in idx],
+    for k, name in enumerate(sources):
+        idx = [i for i, (m, _) in enumerate(layers) if m == k]
+        ax.scatter(idx, [ys[i] for i in idx], s=[20 + 60 * abs(scales[i]) for i in idx],
                    color=f"C{k}", label=_name(name), zorder=2)
     ax.set_xlabel("position in the merged model")
     ax.set_ylabel("source layer")
@@ -139,7 +142,7 @@ def write_report(st: optuna.Study, out_dir: str | Path, storage: str = "", top: 
     out.mkdir(parents=True, exist_ok=True)
     s = summarize(st)
     trials = sorted(st.get_trials(deepcopy=False), key=lambda t: t.number)
-    ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (-t.value, t.number))[:top]
+    ranked = ranked_trials(st)[:top]
     lines = [f"# Study `{s['study']}`", ""]
     if storage:
         lines += [f"Storage: `{storage}`", ""]
@@ -157,7 +160,7 @@ def write_report(st: optuna.Study, out_dir: str | Path, storage: str = "", top: 
                   "|---|---|---|" + "---|" * len(tasks)]
         for t in ranked:
             per = t.user_attrs.get(ATTR + "scores") or {}
-            lines.append(f"| {t.number} | {t.user_attrs.get(ATTR + 'generation', '-')} | {_f(t.value)} | "
+            lines.append(f"| {t.number} | {t.user_attrs.get(ATTR + 'generation', '-')} | {_f(trial_value(t))} | "
                          + " | ".join(_f(per.get(k)) for k in tasks) + " |")
         lines += ["", f"![per-task scores]({plot_tasks(ranked, out / 'tasks.png').name})", ""]
     recipe = (s["best"] or {}).get("recipe")
@@ -166,8 +169,9 @@ def write_report(st: optuna.Study, out_dir: str | Path, storage: str = "", top: 
                   + ", ".join(f"`{_name(p)}`" for p in recipe["parents"]) + ".", "",
                   f"![recipe]({plot_recipe(recipe, out / 'recipe.png').name})", ""]
     if recipe and recipe.get("path"):
+        sources = (["model A (merge)"] if recipe["path"].get("a") else []) + recipe["parents"]
         lines += ["## Winning data-flow path", "",
-                  f"![path]({plot_path(recipe['path'], recipe['parents'], out / 'path.png').name})", ""]
+                  f"![path]({plot_path(recipe['path'], sources, out / 'path.png').name})", ""]
     if s["final_table"]:
         tasks = sorted({k for r in s["final_table"] for k in (r.get("per_task") or {})})
         lines += ["## Test split", "", "| model | test | search | " + " | ".join(tasks) + " |",

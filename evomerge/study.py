@@ -51,7 +51,8 @@ def build_space(cfg: StudyConfig, storage: str | None = None) -> SearchSpace:
     ss = cfg.search_space
     return ParameterSpace(
         method=cfg.merge.method, parents=cfg.models.parents, base=cfg.models.base, num_layers=num_layers,
-        ranges={"weight": Range(ss.weight.low, ss.weight.high), "density": Range(ss.density.low, ss.density.high)},
+        ranges={"weight": Range(ss.weight.low, ss.weight.high), "density": Range(ss.density.low, ss.density.high),
+                "t": Range(ss.t.low, ss.t.high)},
         fixed=dict(ss.fixed), searched_groups=ss.groups, layer_granularity=ss.layer_granularity,
         options=cfg.merge.options, dtype=cfg.merge.dtype,
     )

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from evomerge.config import ConfigError, load_study
 from evomerge.dataflow import Dataflow, PathError, Step, check_foldable, steps_of, write_path_model
+from evomerge.executors import LocalExecutor
 from evomerge.optimizers import CatCMA, Optimizer, create_optimizer
 from evomerge.recipe import Recipe
 from evomerge.spaces import DataflowSpace, Range
@@ -216,6 +217,20 @@ def test_dfs_study_runs_and_its_best_exports_to_a_plain_model(tmp_path, evomerge
     assert res.returncode == 0, res.stderr
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=False)
     assert plain.config.num_hidden_layers == len(best["path"]["layers"])
+
+
+def test_the_report_of_a_dfs_study_draws_its_winning_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    path = _dfs_study(tmp_path)
+    cfg = load_study(path)
+    Study(cfg, executor=LocalExecutor(cfg)).run(4)
+    r = CliRunner().invoke(app, ["report", str(path), "-o", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "report" / "path.png").stat().st_size > 5_000
+    assert "![path](path.png)" in (tmp_path / "report" / "summary.md").read_text()
 
 
 def test_ps_dfs_study_takes_model_a_from_the_best_of_a_ps_study(tmp_path):

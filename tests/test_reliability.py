@@ -3,7 +3,6 @@ unsafe is loaded or leaked.  Real subprocesses, real SIGKILL, real SQLite, the r
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import signal
@@ -104,8 +103,8 @@ def executor(tmp_path_factory):
 
 
 class NaNWeightForSecond(LocalExecutor):
-    """The real executor; the second candidate's recipe gets a NaN merge weight, which the real merge and forward
-    pass turn into NaN logits."""
+    """The real executor; the second candidate's recipe gets huge (finite, so valid) unnormalized weights on one
+    layer, which the real merge and forward pass turn into NaN logits."""
 
     def __init__(self, inner: LocalExecutor):
         super().__init__(inner.cfg)
@@ -114,7 +113,8 @@ class NaNWeightForSecond(LocalExecutor):
     def submit(self, key, recipe, split="search", **options):
         self.calls += 1
         if self.calls == 2:
-            recipe.groups["layers.1"]["weight"] = [math.nan, 0.5]
+            recipe.groups["layers.1"]["weight"] = [3e38, 3e38]
+            recipe.options = {**recipe.options, "normalize": False}
         super().submit(key, recipe, split, **options)
 
 
@@ -130,8 +130,10 @@ def test_after_a_nan_candidate_the_next_candidate_scores_as_if_it_never_happened
     space = Study(executor.cfg, executor=executor).space
     before = executor.evaluate(space.uniform(0.5, 0.5))
     poisoned = space.uniform(0.5, 0.5)
-    poisoned.groups["embed"]["weight"] = [math.inf, 0.5]
-    assert executor.evaluate(poisoned).score is None
+    poisoned.groups["layers.1"]["weight"] = [3e38, 3e38]
+    poisoned.options = {**poisoned.options, "normalize": False}
+    result = executor.evaluate(poisoned)
+    assert result.score is None and "logits are not finite" in result.error
     after = executor.evaluate(space.uniform(0.5, 0.5))
     assert after.score.value == before.score.value and after.score.per_task == before.score.per_task
 

@@ -98,7 +98,7 @@ def test_no_path_diagram_for_a_parameter_space_recipe(report):
 
 
 def test_a_layer_path_is_drawn_as_a_diagram(tmp_path):
-    path = [{"parent": i % 2, "layer": i // 2 + (i % 3), "scale": 0.5 + 0.1 * i} for i in range(10)]
+    path = {"layers": [[i % 2, i // 2 + (i % 3)] for i in range(10)], "scales": [0.5 + 0.1 * i for i in range(10)]}
     out = plot_path(path, ["up", "rot"], tmp_path / "path.png")
     with Image.open(out) as im:
         assert im.width >= 400 and im.height >= 250

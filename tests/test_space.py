@@ -3,7 +3,7 @@ import pytest
 
 from evomerge.spaces import ParameterSpace, Range
 
-RANGES = {"weight": Range(0.0, 1.0), "density": Range(0.1, 1.0)}
+RANGES = {"weight": Range(0.0, 1.0), "density": Range(0.1, 1.0), "t": Range(0.0, 1.0)}
 
 
 def space(method="ties", layers=4, groups=("embed", "layers", "head"), granularity=1, parents=("a", "b")):
@@ -17,6 +17,17 @@ def test_two_parent_32_layer_weight_only_preset_is_64_dimensional():
 
 def test_ties_space_has_weight_and_density_per_group_and_parent():
     assert space().dimension == (4 + 2) * 2 * 2
+
+
+def test_slerp_space_searches_t_per_group():
+    s = space("slerp", parents=("a",))
+    assert s.dimension == 4 + 2
+    assert s.decode([0.25] * s.dimension).groups["layers.2"] == {"t": [0.25]}
+
+
+def test_parameters_a_space_does_not_search_take_the_methods_defaults():
+    recipe = space("della").decode([0.5] * space("della").dimension)
+    assert set(recipe.groups["layers.0"]) == {"weight", "density", "epsilon"}
 
 
 def test_layer_granularity_groups_layers():

@@ -1,4 +1,5 @@
-"""Parameter space (ps): per merge group and parent, a weight and (for methods that have one) a density.
+"""Parameter space (ps): per merge group and parent, the method's searched parameters: weight and density where the
+method has them, slerp's t.  Parameters not searched (della's epsilon, breadcrumbs' gamma) take fixed values.
 
 Groups are the model's embeddings, its decoder layers (one group per `layer_granularity` layers) and its head
 (final norm and LM head).  Groups a preset does not search take the preset's fixed values, so a 2-parent, 32-layer,
@@ -73,10 +74,9 @@ class ParameterSpace(SearchSpace):
         it = iter(genome)
         groups: dict[str, dict[str, list[float]]] = {}
         for block, members in self._blocks.items():
+            values = {p: [self._fixed(p)] * n for p in self.method.tensor_params}
             if self._is_searched(block):
-                values = {p: [r.at(next(it)) for _ in range(n)] for p, r in self.ranges.items()}
-            else:
-                values = {p: [self._fixed(p)] * n for p in self.method.tensor_params}
+                values.update({p: [r.at(next(it)) for _ in range(n)] for p, r in self.ranges.items()})
             for m in members:
                 groups[m] = {p: list(v) for p, v in values.items()}
         return Recipe(method=self.method.name, parents=self.parents, base=self.base, groups=groups,
