@@ -36,6 +36,15 @@ def tensor_group(name: str) -> str:
     return "head"
 
 
+def group_order(group: str) -> tuple[int, int]:
+    """Sort key putting merge groups in model order: embed, layers.0, layers.1, ..., head."""
+    if group == "embed":
+        return (0, 0)
+    if group.startswith("layers."):
+        return (1, int(group.split(".")[1]))
+    return (2, 0)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What evomerge needs to know of one model directory without loading its weights."""

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from .io import group_order  # noqa: E402
 from .study import ATTR, ranked_trials, summarize, trial_value  # noqa: E402
 
 DPI = 100
@@ -24,14 +25,6 @@ DPI = 100
 
 def _name(path: str) -> str:
     return path.rstrip("/").split("/")[-1]
-
-
-def _group_key(g: str) -> tuple[int, int]:
-    if g == "embed":
-        return (0, 0)
-    if g.startswith("layers."):
-        return (1, int(g.split(".")[1]))
-    return (2, 0)
 
 
 def plot_scores(trials: list[optuna.trial.FrozenTrial], out: Path) -> Path:
@@ -82,7 +75,7 @@ def plot_tasks(top: list[optuna.trial.FrozenTrial], out: Path) -> Path:
 
 def plot_recipe(recipe: dict, out: Path) -> Path:
     """The winner's per-group, per-parent weights (and densities) as heatmaps, input side on the left."""
-    groups = sorted(recipe["groups"], key=_group_key)
+    groups = sorted(recipe["groups"], key=group_order)
     params = [p for p in ("weight", "density") if any(p in recipe["groups"][g] for g in groups)]
     parents = [_name(p) for p in recipe["parents"]]
     size = (max(6.0, 0.6 * len(groups) + 2), 0.6 + len(params) * (0.45 * len(parents) + 1.0))

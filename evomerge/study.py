@@ -109,7 +109,7 @@ class Progress:
 
 def _signature(cfg: StudyConfig, space: SearchSpace) -> dict:
     sig = {"kind": space.kind, "method": cfg.merge.method, "names": space.names,
-           "parents": cfg.models.parents, "base": cfg.models.base}
+           "parents": cfg.models.parents, "base": cfg.models.base, "optimizer": cfg.optimizer.name}
     if space.kind != "ps":  # a changed model A (its study found a better recipe) is a different study
         sig.update(method="passthrough", a=getattr(space, "a", None))
     return sig

@@ -116,6 +116,7 @@ STUDY_CASES: list[tuple[str, str, Any, list[str]]] = [
      ["fitness.tasks", "'tiny_nonexistent'", "tiny_rot"]),
     ("storage URL with a wrong password", "storage", BAD_PG, ["storage", "evomerge_nobody:***@127.0.0.1"]),
     ("a changed setup under an existing name", "merge.method", "dare_ties", ["different method", "new study name"]),
+    ("another optimizer under an existing name", "optimizer.name", "tpe", ["different optimizer", "new study name"]),
 ]
 
 

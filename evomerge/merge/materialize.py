@@ -22,8 +22,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import __version__
-from ..io import TensorReader, check_compatible, inspect_model, load_state_dict, model_license, tensor_group, \
-    write_sharded
+from ..io import (TensorReader, check_compatible, group_order, inspect_model, load_state_dict, model_license,
+                  tensor_group, write_sharded)
 from ..recipe import Recipe
 from .methods import (InvalidRecipe, MergeMethod, apply, magnitude_ranks, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
@@ -101,7 +101,7 @@ class Materializer:
         infos = [inspect_model(p) for p in ([base] if base else []) + self.parent_paths]
         check_compatible(infos)
         self.shapes = dict(infos[0].shapes)
-        self.groups = sorted({tensor_group(n) for n in self.shapes}, key=_group_order)
+        self.groups = sorted({tensor_group(n) for n in self.shapes}, key=group_order)
         parent_sds = [load_state_dict(p, self.device) for p in self.parent_paths]
         base_sd = load_state_dict(base, self.device) if base else None
         self.base: dict[str, torch.Tensor] = {}
@@ -175,14 +175,6 @@ class Materializer:
         return self.model
 
 
-def _group_order(g: str) -> tuple[int, int]:
-    if g == "embed":
-        return (0, 0)
-    if g.startswith("layers."):
-        return (1, int(g.split(".")[1]))
-    return (2, 0)
-
-
 def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str = "cpu",
                 max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Stream `recipe` into a Hugging Face model directory, tensor by tensor.
@@ -196,7 +188,7 @@ def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str 
     infos = [inspect_model(p) for p in models]
     check_compatible(infos)
     shapes = infos[0].shapes
-    method = check_recipe(recipe, sorted({tensor_group(n) for n in shapes}, key=_group_order))
+    method = check_recipe(recipe, sorted({tensor_group(n) for n in shapes}, key=group_order))
     base_reader = TensorReader(recipe.base) if recipe.base else None
     readers = [TensorReader(p) for p in recipe.parents]
     n = len(readers)
