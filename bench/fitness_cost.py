@@ -160,7 +160,7 @@ def main() -> None:
               f"{r.total_examples() / len(r.trials):>13.1f} {cma_test:>8.3f} {rand_test:>9.3f} {oh:>8.3f}", flush=True)
     reached = [q for q in ratios if q is not None]
     print()
-    print(f"racing: examples to reach the full-fidelity best test score, racing / full: median "
+    print("racing: examples to reach the full-fidelity best test score, racing / full: median "
           + (f"{statistics.median(reached):.3f}" if len(reached) == len(ratios) else
              f"{statistics.median(reached + [float('inf')] * (len(ratios) - len(reached))):.3f}")
           + f" (reached on {len(reached)}/{len(ratios)} seeds; per seed: "

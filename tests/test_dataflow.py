@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from evomerge.config import ConfigError, load_study
-from evomerge.dataflow import Dataflow, PathError, Step, check_foldable, steps_of, write_path_model
+from evomerge.dataflow import Dataflow, PathError, check_foldable, steps_of, write_path_model
 from evomerge.executors import LocalExecutor
 from evomerge.optimizers import CatCMA, Optimizer, create_optimizer
 from evomerge.recipe import Recipe

@@ -64,7 +64,7 @@ def test_summary_counts_and_best_match_the_db(report, study):
     text = (report / "summary.md").read_text()
     st = db(study)
     best = max((t for t in st.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
-    assert f"- trials: 8 (7 complete, 1 failed, 0 running)" in text
+    assert "- trials: 8 (7 complete, 1 failed, 0 running)" in text
     assert f"- best: trial {best.number}, fitness {best.value:.4f}" in text
     assert f"- search-space dimension: {st.user_attrs[ATTR + 'dimension']}" in text
 
