@@ -1,8 +1,10 @@
 """Fitness: lm-eval tasks built once per worker, perplexity on local text, or a user callable; weighted scores.
 
-`lm_eval.evaluator.evaluate` is called with prebuilt task objects (not `simple_evaluate`, which rebuilds everything
-per call) and an `HFLM` around the in-memory model; lm-eval's response cache is never used, since answers would
-leak between candidates that share one model object.
+Tasks and their documents are fixed for the whole study, so each task's request Instances are built once per split
+and example subset (and each prompt tokenized once); per candidate only the model calls run, then lm-eval's own
+filters, `process_results` and aggregation - what `lm_eval.evaluator.evaluate` does, without rebuilding requests
+(groups still go through `evaluate`, which aggregates them its own way).  An `HFLM` wraps the in-memory model;
+lm-eval's response cache is never used, since answers would leak between candidates that share one model object.
 
 Racing (multi-fidelity): with ``fitness.racing`` set, a candidate is scored on nested subsets of each task's search
 examples (a fixed per-task permutation, so every task is represented in the same proportion at every stage), each
