@@ -128,6 +128,8 @@ def main() -> None:
     t_start = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
     executors = {r: LocalExecutor(load_study(study_file(folder, "exec", 0, "cmaes", r))) for r in (False, True)}
+    for executor in executors.values():  # loads the parents before the first trial, as `evomerge run` does
+        executor.start()
     ratios, overheads, mat_shares, wins, ties = [], [], [], 0, 0
     print(f"{'seed':>4} {'T(full)':>8} {'E_full':>7} {'E_race':>7} {'ratio':>6} {'race trials':>11} "
           f"{'race ex/trial':>13} {'cma test':>8} {'rand test':>9} {'overhead':>8}")

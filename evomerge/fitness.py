@@ -1,8 +1,10 @@
 """Fitness: lm-eval tasks built once per worker, perplexity on local text, or a user callable; weighted scores.
 
-`lm_eval.evaluator.evaluate` is called with prebuilt task objects (not `simple_evaluate`, which rebuilds everything
-per call) and an `HFLM` around the in-memory model; lm-eval's response cache is never used, since answers would
-leak between candidates that share one model object.
+Tasks and their documents are fixed for the whole study, so each task's request Instances are built once per split
+and example subset (and each prompt tokenized once); per candidate only the model calls run, then lm-eval's own
+filters, `process_results` and aggregation - what `lm_eval.evaluator.evaluate` does, without rebuilding requests
+(groups still go through `evaluate`, which aggregates them its own way).  An `HFLM` wraps the in-memory model;
+lm-eval's response cache is never used, since answers would leak between candidates that share one model object.
 
 Racing (multi-fidelity): with ``fitness.racing`` set, a candidate is scored on nested subsets of each task's search
 examples (a fixed per-task permutation, so every task is represented in the same proportion at every stage), each
@@ -183,9 +185,11 @@ class Fitness:
         self._tasks: dict[str, dict] = {}
         self._order: dict[str, list[int]] | None = None
         self._texts: dict[str, list] = {}
+        self._prebuilt: dict[tuple, tuple] = {}
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=device)
         self.forward_s = 0.0
         self._time_forward()
+        self._memoize_tokenization()
 
     def _time_forward(self) -> None:
         """Count time spent in the model's forward passes, so per-candidate overhead can be measured apart."""
@@ -200,6 +204,24 @@ class Fitness:
                     self.forward_s += time.perf_counter() - t0
 
             setattr(self.lm, name, timed)
+
+    def _memoize_tokenization(self) -> None:
+        """The prompts are the same for every candidate and the tokenizer never changes, so each prompt (and each
+        batch of prompts) is tokenized once per study instead of once per candidate; copies are handed out, so
+        nothing downstream can alter a cached encoding."""
+        encode, batch_encode = self.lm.tok_encode, self.lm.tok_batch_encode
+
+        @functools.lru_cache(maxsize=65536)
+        def cached_encode(string: str, *args, **kwargs) -> tuple[int, ...]:
+            return tuple(encode(string, *args, **kwargs))
+
+        @functools.lru_cache(maxsize=4096)
+        def cached_batch_encode(strings: tuple[str, ...], *args, **kwargs):
+            return batch_encode(list(strings), *args, **kwargs)
+
+        self.lm.tok_encode = lambda string, *a, **kw: list(cached_encode(string, *a, **kw))
+        self.lm.tok_batch_encode = lambda strings, *a, **kw: tuple(
+            x.clone() for x in cached_batch_encode(tuple(strings), *a, **kw))
 
     def tasks(self, split: str) -> dict:
         """The lm-eval task dict for one split ('search' or 'test'), built on first use and reused after."""
@@ -246,18 +268,13 @@ class Fitness:
 
     def _lm_eval(self, split: str, limit: int | None = None,
                  samples: dict[str, list[int]] | None = None) -> tuple[dict[str, float], int]:
-        from lm_eval.evaluator import evaluate
-
         loaded = self.tasks(split)
-        if samples is not None:
-            loaded = {"tasks": {k: loaded["tasks"][k] for k in samples}, "groups": {}}
-        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):  # lm-eval's per-call progress bars
-            out = evaluate(
-                self.lm, loaded, limit=limit, samples=samples, cache_requests=False, bootstrap_iters=0,
-                log_samples=False, verbosity="ERROR",
-            )
-        results = out["results"]
-        examples = sum(v.get("effective", v.get("original", 0)) for v in out.get("n-samples", {}).values())
+        leaves = all(t.task in loaded["tasks"] for t in self.lm_tasks) and not any(
+            "bypass" in getattr(task, "_metric_fn_list", {}) for task in loaded["tasks"].values())
+        if leaves:
+            results, examples = self._run_prebuilt(split, limit, samples)
+        else:  # groups: lm-eval aggregates their members its own way
+            results, examples = self._evaluate(loaded, limit, samples)
         per_task: dict[str, float] = {}
         for t in self.lm_tasks:
             if t.task not in results:
@@ -272,6 +289,77 @@ class Fitness:
                 raise FloatingPointError(f"task {t.task}: metric {t.metric} is NaN")
             per_task[t.task] = value
         return per_task, examples
+
+    def _evaluate(self, loaded: dict, limit: int | None,
+                  samples: dict[str, list[int]] | None) -> tuple[dict[str, dict], int]:
+        """`lm_eval.evaluator.evaluate` itself: {task: {"metric,filter": value}} and the examples scored."""
+        from lm_eval.evaluator import evaluate
+
+        if samples is not None:
+            loaded = {"tasks": {k: loaded["tasks"][k] for k in samples}, "groups": {}}
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):  # lm-eval's per-call progress bars
+            out = evaluate(
+                self.lm, loaded, limit=limit, samples=samples, cache_requests=False, bootstrap_iters=0,
+                log_samples=False, verbosity="ERROR",
+            )
+        examples = sum(v.get("effective", v.get("original", 0)) for v in out.get("n-samples", {}).values())
+        return out["results"], examples
+
+    def _requests(self, split: str, name: str, limit: int | None, indices: list[int] | None):
+        """A task's request Instances and documents for one split and example subset, built once: the tasks and
+        documents are fixed for the whole study, so only the model's answers change between candidates."""
+        from lm_eval.evaluator_utils import get_sample_size
+
+        key = (split, name, limit, None if indices is None else tuple(indices))
+        if key not in self._prebuilt:
+            task = self.tasks(split)["tasks"][name]
+            n = get_sample_size(task, limit)
+            with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+                task.build_all_requests(limit=n, samples=indices, rank=0, world_size=1, cache_requests=False)
+            docs = list(task.doc_iterator(rank=0, limit=n, world_size=1, samples=indices))
+            self._prebuilt[key] = (task, list(task.instances), docs)
+        return self._prebuilt[key]
+
+    def _run_prebuilt(self, split: str, limit: int | None,
+                      samples: dict[str, list[int]] | None) -> tuple[dict[str, dict], int]:
+        """What `evaluate` computes for single tasks (same requests, filters, `process_results` and aggregation, the
+        first filter reporting a metric wins as in its results), without rebuilding the requests per candidate."""
+        from collections import defaultdict
+
+        names = list(samples) if samples is not None else list(self.tasks(split)["tasks"])
+        built = {k: self._requests(split, k, limit, samples.get(k) if samples is not None else None) for k in names}
+        by_type: dict[str, list] = defaultdict(list)
+        for task, instances, _ in built.values():
+            for inst in instances:
+                inst.resps, inst.filtered_resps = [], {}
+                by_type[inst.request_type].extend([inst] * inst.repeats)
+        for reqtype, reqs in by_type.items():
+            with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):  # HFLM's progress bar
+                resps = getattr(self.lm, reqtype)(reqs)
+            for inst, resp in zip(reqs, resps, strict=True):
+                inst.resps.append(resp)
+        results: dict[str, dict] = {}
+        examples = 0
+        for name, (task, instances, docs) in built.items():
+            task._instances = instances
+            task.apply_filters()
+            by_doc: dict[int, list] = defaultdict(list)
+            for inst in instances:
+                by_doc[inst.doc_id].append(inst)
+            for group in by_doc.values():
+                group.sort(key=lambda x: x.idx)
+            raw: dict[str, list] = {}
+            for filter_key in instances[0].filtered_resps:
+                for doc_id, doc in docs:
+                    out = task.process_results(doc, [r.filtered_resps[filter_key] for r in by_doc[doc_id]])
+                    for metric, value in out.items():
+                        raw.setdefault(f"{metric},{filter_key}", []).append(value)
+            from lm_eval.api.metrics import mean
+
+            aggregation = task.aggregation()  # lm-eval averages a metric without an aggregation, so do we
+            results[name] = {k: aggregation.get(k.split(",")[0], mean)(v) for k, v in raw.items()}
+            examples += len(docs)
+        return results, examples
 
     def _other(self, split: str) -> tuple[dict[str, float], int]:
         """Perplexity and callable tasks (never raced: their cost is their own)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import socket
@@ -355,8 +356,7 @@ class Study:
         g, index = t.user_attrs[ATTR + "generation"], t.user_attrs[ATTR + "index"]
         recipe = self.space.decode(t.user_attrs[ATTR + "genome"], seed=self.cfg.seed * 1_000_003 + g * 1_009 + index)
         trial = optuna.trial.Trial(st, t._trial_id)
-        trial.set_user_attr(ATTR + "recipe", recipe.to_dict())
-        trial.set_user_attr(ATTR + "runner", self.runner)
+        self._set_attrs(t._trial_id, {"recipe": recipe.to_dict(), "runner": self.runner})
         held[t._trial_id] = trial
         self.executor.submit(t._trial_id, recipe, "search", incumbent=self.incumbent_stages(st))
         return True
@@ -364,18 +364,19 @@ class Study:
     def _record(self, st: optuna.Study, trial: optuna.trial.Trial, result: TrialResult) -> None:
         """Store a result; one whose trial another runner finished meanwhile (we were taken for dead) is dropped."""
         try:
-            trial.set_user_attr(ATTR + "timings", result.timings)
-            trial.set_user_attr(ATTR + "worker", result.worker)
+            attrs = {"timings": result.timings, "worker": result.worker}
             if result.attempts > 1:
-                trial.set_user_attr(ATTR + "attempts", result.attempts)
-            if result.score is None:
-                trial.set_user_attr(ATTR + "error", result.error)
+                attrs["attempts"] = result.attempts
+            score = result.score
+            if score is None:
+                attrs["error"] = result.error
+            else:
+                attrs.update({"scores": score.per_task, "value": score.value, "examples": score.examples,
+                              "full_fidelity": score.full, "stages": score.stages})
+            self._set_attrs(trial._trial_id, attrs)
+            if score is None:
                 st.tell(trial, state=TrialState.FAIL)
             else:
-                score = result.score
-                for k, v in {"scores": score.per_task, "value": score.value, "examples": score.examples,
-                             "full_fidelity": score.full, "stages": score.stages}.items():
-                    trial.set_user_attr(ATTR + k, v)
                 st.tell(trial, [score.per_task[t.task] for t in self.cfg.fitness.tasks] if self.multi_objective
                         else score.value)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
@@ -383,6 +384,27 @@ class Study:
                 raise
             optuna.logging.get_logger("evomerge").warning("trial %d was finished by another runner: %s",
                                                           trial.number, e)
+
+    def _set_attrs(self, trial_id: int, attrs: dict) -> None:
+        """Several trial user attrs in one statement and one transaction, the same rows `Trial.set_user_attr`
+        writes: each separate write is a lookup, an upsert and a commit (a WAL sync on SQLite), which on a tiny
+        candidate cost more than its filters and metrics together."""
+        from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel as Attr
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(self.storage.engine.name)
+        if dialect is None:
+            for key, value in attrs.items():
+                self.storage.set_trial_user_attr(trial_id, ATTR + key, value)
+            return
+        insert = dialect.insert(Attr).values(
+            [{"trial_id": trial_id, "key": ATTR + k, "value_json": json.dumps(v)} for k, v in attrs.items()])
+        upsert = insert.on_conflict_do_update(index_elements=[Attr.trial_id, Attr.key],
+                                              set_={"value_json": insert.excluded.value_json})
+        with _create_scoped_session(self.storage.scoped_session, True) as session:
+            self.storage.check_trial_is_updatable(trial_id, TrialModel.find_or_raise_by_id(trial_id, session).state)
+            session.execute(upsert)
 
     def incumbent_stages(self, st: optuna.Study) -> list[dict] | None:
         """The racing record of the best full-fidelity trial so far (None without racing or before the first)."""

@@ -62,6 +62,30 @@ def test_a_candidate_without_incumbent_runs_every_stage_and_matches_a_plain_eval
     assert raced.per_task == pytest.approx(plain.per_task) and plain.examples == 80
 
 
+def test_prebuilt_requests_score_exactly_what_lm_eval_evaluate_scores(racing):
+    """The per-candidate fast path (requests built once per split and subset) against lm-eval's own `evaluate`, on
+    both splits, a racing subset and its complement, with a candidate whose scores are neither 0 nor 1."""
+    worker = racing.worker
+    worker.materializer.materialize(build_space(racing.cfg).uniform(0.3, 0.3))
+    fitness = worker.fitness
+    order = fitness._stage_order()
+    cases = [("search", 40, None), ("test", 40, None),
+             ("search", None, {k: v[:10] for k, v in order.items()}),
+             ("search", None, {k: v[10:20] for k, v in order.items()})]
+    seen = set()
+    for split, limit, samples in cases:
+        for _ in range(2):  # the second run reuses the prebuilt requests
+            fast, n_fast = fitness._run_prebuilt(split, limit, samples)
+            slow, n_slow = fitness._evaluate(fitness.tasks(split), limit, samples)
+            assert n_fast == n_slow == (80 if samples is None else 20)
+            for task, metrics in fast.items():
+                reported = {k for k in slow[task] if "," in k and "_stderr" not in k}
+                assert set(metrics) == reported
+                assert all(metrics[k] == pytest.approx(slow[task][k], abs=1e-12) for k in metrics)
+                seen.update(metrics.values())
+    assert any(0.0 < v < 1.0 for v in seen)
+
+
 def test_keep_racing_drops_only_candidates_clearly_below_the_incumbent():
     w = {"a": 1.0}
     assert keep_racing({"a": 0.5}, {"a": 0.5}, w, 10, 1.0)
