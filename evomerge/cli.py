@@ -57,16 +57,6 @@ def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str
     raise typer.Exit(2)
 
 
-def safe_url(url: str) -> str:
-    """A storage URL fit for printing: the password, if any, masked."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<storage URL>"
-
-
 def _load(study_file: Path):
     from .config import load_study
 
@@ -77,6 +67,7 @@ def _load(study_file: Path):
 
 
 def _open_study(study_file: Path, storage: Optional[str]):
+    from .config import safe_url
     from .study import Study
 
     cfg = _load(study_file)
@@ -101,6 +92,7 @@ def run(
     check: bool = typer.Option(False, "--check", help="validate the study file offline (no download, no DB) and exit"),
 ) -> None:
     """Run (or resume) a study until its budget of trials is reached, then print the test-split table."""
+    from .config import safe_url
     from .study import Study, trial_value
 
     if check:
@@ -308,6 +300,7 @@ def report(
     storage: Optional[str] = StorageOpt,
 ) -> None:
     """Plots (scores over trials, per-task scores of the top trials, the winning recipe) and a markdown summary."""
+    from .config import safe_url
     from .report import write_report
 
     study = _open_study(study_file, storage)

@@ -390,6 +390,16 @@ class PathFile(_Strict):
         return self
 
 
+def safe_url(url: str) -> str:
+    """A storage URL fit for printing: the password, if any, masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<storage URL>"
+
+
 def check_storage_url(url: str, file: str | Path = "--storage", field: str = "") -> str:
     """A usable SQLAlchemy URL: parsed, with an installed driver (`postgresql://` picks psycopg 3 when psycopg2 is
     absent); the password never appears in the message."""

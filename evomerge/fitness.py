@@ -326,6 +326,8 @@ class Fitness:
         first filter reporting a metric wins as in its results), without rebuilding the requests per candidate."""
         from collections import defaultdict
 
+        from lm_eval.api.metrics import mean
+
         names = list(samples) if samples is not None else list(self.tasks(split)["tasks"])
         built = {k: self._requests(split, k, limit, samples.get(k) if samples is not None else None) for k in names}
         by_type: dict[str, list] = defaultdict(list)
@@ -354,8 +356,6 @@ class Fitness:
                     out = task.process_results(doc, [r.filtered_resps[filter_key] for r in by_doc[doc_id]])
                     for metric, value in out.items():
                         raw.setdefault(f"{metric},{filter_key}", []).append(value)
-            from lm_eval.api.metrics import mean
-
             aggregation = task.aggregation()  # lm-eval averages a metric without an aggregation, so do we
             results[name] = {k: aggregation.get(k.split(",")[0], mean)(v) for k, v in raw.items()}
             examples += len(docs)

@@ -23,10 +23,6 @@ from .study import ATTR, ranked_trials, summarize, trial_value  # noqa: E402
 DPI = 100
 
 
-def _name(path: str) -> str:
-    return path.rstrip("/").split("/")[-1]
-
-
 def plot_scores(trials: list[optuna.trial.FrozenTrial], out: Path) -> Path:
     """Every trial's score in the order it was proposed, the best so far as a step line, failures as red crosses."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
@@ -77,7 +73,7 @@ def plot_recipe(recipe: dict, out: Path) -> Path:
     """The winner's per-group, per-parent weights (and densities) as heatmaps, input side on the left."""
     groups = sorted(recipe["groups"], key=group_order)
     params = [p for p in ("weight", "density") if any(p in recipe["groups"][g] for g in groups)]
-    parents = [_name(p) for p in recipe["parents"]]
+    parents = [Path(p).name for p in recipe["parents"]]
     size = (max(6.0, 0.6 * len(groups) + 2), 0.6 + len(params) * (0.45 * len(parents) + 1.0))
     fig, axes = plt.subplots(len(params), 1, figsize=size, dpi=DPI, squeeze=False)
     for ax, p in zip(axes[:, 0], params):
@@ -114,7 +110,7 @@ def plot_path(path: dict, sources: list[str], out: Path) -> Path:
     for k, name in enumerate(sources):
         idx = [i for i, (m, _) in enumerate(layers) if m == k]
         ax.scatter(idx, [ys[i] for i in idx], s=[20 + 60 * abs(scales[i]) for i in idx],
-                   color=f"C{k}", label=_name(name), zorder=2)
+                   color=f"C{k}", label=Path(name).name, zorder=2)
     ax.set_xlabel("position in the merged model")
     ax.set_ylabel("source layer")
     ax.grid(alpha=0.3)
@@ -159,7 +155,7 @@ def write_report(st: optuna.Study, out_dir: str | Path, storage: str = "", top: 
     recipe = (s["best"] or {}).get("recipe")
     if recipe and recipe.get("groups"):
         lines += ["## Winning recipe", "", f"Method `{recipe['method']}`, parents "
-                  + ", ".join(f"`{_name(p)}`" for p in recipe["parents"]) + ".", "",
+                  + ", ".join(f"`{Path(p).name}`" for p in recipe["parents"]) + ".", "",
                   f"![recipe]({plot_recipe(recipe, out / 'recipe.png').name})", ""]
     if recipe and recipe.get("path"):
         sources = (["model A (merge)"] if recipe["path"].get("a") else []) + recipe["parents"]

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 
-from .config import ConfigError, StudyConfig, check_storage_url
+from .config import ConfigError, StudyConfig, check_storage_url, safe_url
 from .executors import Executor, TrialResult, make_executor
 from .io import inspect_model
 from .optimizers import MULTI_OBJECTIVE, Optimizer, create_optimizer
@@ -169,7 +169,7 @@ class Study:
             except sqlalchemy.exc.SQLAlchemyError as e:
                 reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
                 raise StorageError(
-                    f"cannot open the study DB {_masked(self.storage_url)} ({reason}); check that the server runs "
+                    f"cannot open the study DB {safe_url(self.storage_url)} ({reason}); check that the server runs "
                     "and is reachable, and that the user, password and database exist"
                 ) from None
         return self._storage
@@ -188,7 +188,7 @@ class Study:
             reason = str(getattr(e, "orig", None) or e).splitlines()[0]
             if url.password:
                 reason = reason.replace(str(url.password), "***")
-            raise StorageError(f"cannot open {url.render_as_string(hide_password=True)} ({reason})") from None
+            raise StorageError(f"cannot open {safe_url(self.storage_url)} ({reason})") from None
 
     @property
     def optuna(self) -> optuna.Study:
@@ -451,7 +451,7 @@ class Study:
             layers = [[0, i] for i in range(inspect_model(self.cfg.models.base).num_layers)]
             rows.append(self._row("base", Recipe("passthrough", [self.cfg.models.base], {}, path={"layers": layers})))
         labels = ([f"model A (best of {self.cfg.models.a_from_study})"] if self.space.a else []) + [
-            f"parent {p.rstrip('/').split('/')[-1]}" for p in self.cfg.models.parents]
+            f"parent {Path(p).name}" for p in self.cfg.models.parents]
         return rows + [self._row(label, self.space.identity(m)) for m, label in enumerate(labels)]
 
     def _ps_rows(self) -> list[dict]:
@@ -462,7 +462,7 @@ class Study:
             rows.append(self._row("base", base))
         for i, p in enumerate(self.cfg.models.parents):
             one_hot = [1.0 if j == i else 0.0 for j in range(n)]
-            rows.append(self._row(f"parent {p.rstrip('/').split('/')[-1]}",
+            rows.append(self._row(f"parent {Path(p).name}",
                                   Recipe("linear", self.cfg.models.parents, self._uniform_groups(one_hot),
                                          self.cfg.models.base)))
         uniform = self._best_uniform()
@@ -536,10 +536,6 @@ class _Heartbeat(threading.Thread):
     def __exit__(self, *exc) -> None:
         self.stopped.set()
         self.join()
-
-
-def _masked(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 @event.listens_for(Engine, "connect")
