@@ -1,6 +1,6 @@
 """What racing saves, what a candidate costs besides forward passes, and whether CMA-ES beats random search.
 
-    python bench/fitness_cost.py [--seeds 5] [--budget 150] [--race-budget 225]
+    python bench/fitness_cost.py [--seeds 5] [--budget 150] [--race-budget 300] [--min-examples 10] [--z 1] ...
 
 On the tiny zoo (experiments/tiny/study.yaml: TIES, ps-layerwise, 24 dimensions, 100 search examples per task), for
 each seed it runs three studies into a temporary SQLite DB: CMA-ES at full fidelity (`--budget` trials), CMA-ES with
@@ -117,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=150)
-    ap.add_argument("--race-budget", type=int, default=450, help="most trials for the racing run")
+    ap.add_argument("--race-budget", type=int, default=300, help="most trials for the racing run")
     ap.add_argument("--min-examples", type=int, default=RACING["min_examples"])
     ap.add_argument("--reduction-factor", type=float, default=RACING["reduction_factor"])
     ap.add_argument("--z", type=float, default=RACING["z"])

@@ -140,11 +140,13 @@ class TaskConfig(_Strict):
 
 class RacingConfig(_Strict):
     """Multi-fidelity racing: a candidate is scored on nested stratified subsets of the search split and stops as
-    soon as it provably cannot beat the incumbent (successive-halving stages, confidence-bound elimination)."""
+    soon as it provably cannot beat the incumbent (successive-halving stages; elimination by a confidence bound on
+    its per-example differences from the incumbent)."""
 
     min_examples: int = Field(10, ge=1, description="examples per task every candidate is scored on, at least")
     reduction_factor: float = Field(3.0, gt=1, description="each stage has this many times the previous examples")
-    z: float = Field(1.0, ge=0, description="width of the confidence bound, in standard errors")
+    z: float = Field(1.0, ge=0,
+                     description="width of the confidence bound on the mean paired difference, in standard errors")
 
 
 class FitnessConfig(_Strict):

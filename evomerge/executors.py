@@ -60,10 +60,11 @@ class Worker:
         model.get_output_embeddings().register_forward_hook(_refuse_non_finite_logits)
         self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device), seed=cfg.seed)
 
-    def evaluate(self, recipe: Recipe, split: str = "search", incumbent: list[dict] | None = None) -> TrialResult:
+    def evaluate(self, recipe: Recipe, split: str = "search",
+                 incumbent: dict[str, list[float]] | None = None) -> TrialResult:
         """Never raises for a bad candidate: the error comes back in the result so only its trial fails.
 
-        `incumbent` (the best trial's racing stages) lets racing stop a candidate that cannot beat it.
+        `incumbent` (the best trial's per-example search scores) lets racing stop a candidate that cannot beat it.
         """
         t0 = time.perf_counter()
         try:

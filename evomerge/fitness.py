@@ -8,9 +8,10 @@ lm-eval's response cache is never used, since answers would leak between candida
 
 Racing (multi-fidelity): with ``fitness.racing`` set, a candidate is scored on nested subsets of each task's search
 examples (a fixed per-task permutation, so every task is represented in the same proportion at every stage), each
-stage ``reduction_factor`` times larger than the last, starting at ``min_examples`` per task.  After each stage its
-score is compared with the incumbent's on exactly the same examples; it stops when even its upper confidence bound
-falls below the incumbent's.  Only new examples are scored at each stage, so a candidate that runs to the end costs
+stage ``reduction_factor`` times larger than the last, starting at ``min_examples`` per task.  After each stage it is
+compared with the incumbent example by example (a paired test: two merges of the same parents answer most examples
+alike, so the differences vary far less than the scores do); it stops when even the upper confidence bound of the
+difference is below zero.  Only new examples are scored at each stage, so a candidate that runs to the end costs
 exactly what a plain evaluation costs.
 """
 from __future__ import annotations
@@ -38,9 +39,11 @@ class Score:
     """Weighted fitness plus the per-task metric values it came from.
 
     `examples` counts the examples scored (all tasks); `stages` records, per racing stage, the examples per task
-    and the cumulative per-task scores; `full` is False when racing stopped the candidate before the last stage
-    (its value is then an estimate on fewer examples, already below the incumbent's); `forward_s` is the time
-    spent inside the model's forward passes.
+    and the cumulative per-task scores; `example_scores` (racing only) holds each task's per-example metric values
+    in racing order, which is what a later candidate is paired against if this one becomes the incumbent; `full` is
+    False when racing stopped the candidate before the last stage: its per-task values are then estimates of its
+    full-subset scores (the incumbent's score plus the difference measured on the examples both were scored on),
+    below the incumbent's; `forward_s` is the time spent inside the model's forward passes.
     """
 
     value: float
@@ -48,6 +51,7 @@ class Score:
     examples: int = 0
     stages: list[dict] = field(default_factory=list)
     full: bool = True
+    example_scores: dict[str, list[float]] = field(default_factory=dict)
     forward_s: float = field(default=0.0, compare=False)  # a timing, not part of what the score is
 
 
@@ -74,6 +78,23 @@ def _memoize_lm_eval_templates() -> None:
 
     if not hasattr(utils.env.from_string, "cache_info"):
         utils.env.from_string = functools.lru_cache(maxsize=4096)(utils.env.from_string)
+
+
+def _memoize_targets(task) -> None:
+    """A document's reference answer never changes, yet lm-eval renders it from its Jinja template again for every
+    candidate (a third of the Python a tiny candidate costs besides its forward passes): render it once per
+    document.  Keyed by the document object, which the cache holds, so its id cannot be reused by another."""
+    render, cache = task.doc_to_target, {}
+
+    def doc_to_target(doc, *args, **kwargs):
+        if args or kwargs:
+            return render(doc, *args, **kwargs)
+        hit = cache.get(id(doc))
+        if hit is None or hit[0] is not doc:
+            hit = cache[id(doc)] = (doc, render(doc))
+        return hit[1]
+
+    task.doc_to_target = doc_to_target
 
 
 def task_manager(config: FitnessConfig):
@@ -152,21 +173,28 @@ def stage_sizes(min_examples: int, factor: float, full: int) -> list[int]:
     return sizes + [full] if not sizes or sizes[-1] < full else sizes
 
 
-def keep_racing(candidate: dict[str, float], incumbent: dict[str, float], weights: dict[str, float], n: int,
+def keep_racing(candidate: dict[str, list[float]], incumbent: dict[str, list[float]], weights: dict[str, float],
                 z: float) -> bool:
-    """Whether a candidate may still beat the incumbent, both scored on the same `n` examples per task.
+    """Whether a candidate may still beat the incumbent, given its per-example scores on a prefix of the incumbent's.
 
-    The bound uses p(1-p)/n per task and model as the variance of a mean of scores in [0, 1] (the largest a bounded
-    metric with that mean can have), summed over both models as if independent: conservative, so a candidate is
-    dropped only when it is clearly worse.
+    A paired test: per task, the differences candidate - incumbent on the same examples; the weighted mean
+    difference plus `z` standard errors (each task's sample variance of its differences over its n) must stay
+    >= 0.  Differences of two merges of the same parents are mostly zero, so this separates them with a fraction of
+    the examples an unpaired bound needs.  With a single example per task the variance is unknown and taken as its
+    largest possible value for scores in [0, 1], so such a stage never stops anyone but a hopeless candidate.
     """
     total = sum(weights.values()) or 1.0
-    diff = sum(weights[k] * (candidate[k] - incumbent[k]) for k in weights) / total
-    var = 0.0
+    mean = var = 0.0
     for k, w in weights.items():
-        c, i = (min(max(x, 0.0), 1.0) for x in (candidate[k], incumbent[k]))
-        var += (w / total) ** 2 * (c * (1 - c) + i * (1 - i)) / n
-    return diff + z * math.sqrt(var) >= 0.0
+        n = len(candidate[k])
+        if len(incumbent.get(k, ())) < n:
+            return True  # the incumbent was not scored on these examples: nothing to compare with
+        d = [c - i for c, i in zip(candidate[k], incumbent[k])]
+        m = sum(d) / n
+        s2 = sum((x - m) ** 2 for x in d) / (n - 1) if n > 1 else 1.0
+        mean += w / total * m
+        var += (w / total) ** 2 * s2 / n
+    return mean + z * math.sqrt(var) >= -1e-12  # one loss in n sits exactly on the z = 1 bound: kept
 
 
 class Fitness:
@@ -239,14 +267,15 @@ class Fitness:
                             f"available: {', '.join(leaf.dataset)}"
                         )
                     leaf.config.test_split = name
+                    _memoize_targets(leaf)
             self._tasks[split] = loaded
         return self._tasks[split]
 
     # ---------------------------------------------------------------- scoring
-    def score(self, split: str = "search", incumbent: list[dict] | None = None) -> Score:
+    def score(self, split: str = "search", incumbent: dict[str, list[float]] | None = None) -> Score:
         """Evaluate the model as it is now; NaN metrics raise, so a broken candidate fails its trial.
 
-        `incumbent` is the best full-fidelity trial's `stages` record; with racing on, the candidate is raced
+        `incumbent` is the best full-fidelity trial's `example_scores`; with racing on, the candidate is raced
         against it on the search split.  The test split is always scored in full.
         """
         if split not in ("search", "test"):
@@ -255,7 +284,7 @@ class Fitness:
         if self.config.racing is not None and split == "search" and self.lm_tasks:
             score = self._race(incumbent)
         else:
-            per_task, examples = self._lm_eval(split, limit=self.config.limit) if self.lm_tasks else ({}, 0)
+            per_task, examples, _ = self._lm_eval(split, limit=self.config.limit) if self.lm_tasks else ({}, 0, {})
             other, n = self._other(split)
             per_task.update(other)
             score = Score(self._weighted(per_task), per_task, examples + n)
@@ -266,16 +295,18 @@ class Fitness:
         total = sum(t.weight for t in self.config.tasks) or 1.0
         return sum(t.weight * per_task[t.task] for t in self.config.tasks) / total
 
-    def _lm_eval(self, split: str, limit: int | None = None,
-                 samples: dict[str, list[int]] | None = None) -> tuple[dict[str, float], int]:
+    def _lm_eval(self, split: str, limit: int | None = None, samples: dict[str, list[int]] | None = None
+                 ) -> tuple[dict[str, float], int, dict[str, list]]:
+        """Per task: the configured metric's value, the examples scored, and its per-example values (single tasks)."""
         loaded = self.tasks(split)
         leaves = all(t.task in loaded["tasks"] for t in self.lm_tasks) and not any(
             "bypass" in getattr(task, "_metric_fn_list", {}) for task in loaded["tasks"].values())
         if leaves:
-            results, examples = self._run_prebuilt(split, limit, samples)
+            results, examples, raw = self._run_prebuilt(split, limit, samples)
         else:  # groups: lm-eval aggregates their members its own way
-            results, examples = self._evaluate(loaded, limit, samples)
+            (results, examples), raw = self._evaluate(loaded, limit, samples), {}
         per_task: dict[str, float] = {}
+        per_example: dict[str, list] = {}
         for t in self.lm_tasks:
             if t.task not in results:
                 continue
@@ -288,7 +319,9 @@ class Fitness:
             if math.isnan(value):
                 raise FloatingPointError(f"task {t.task}: metric {t.metric} is NaN")
             per_task[t.task] = value
-        return per_task, examples
+            if key in raw.get(t.task, {}):
+                per_example[t.task] = raw[t.task][key]
+        return per_task, examples, per_example
 
     def _evaluate(self, loaded: dict, limit: int | None,
                   samples: dict[str, list[int]] | None) -> tuple[dict[str, dict], int]:
@@ -320,10 +353,11 @@ class Fitness:
             self._prebuilt[key] = (task, list(task.instances), docs)
         return self._prebuilt[key]
 
-    def _run_prebuilt(self, split: str, limit: int | None,
-                      samples: dict[str, list[int]] | None) -> tuple[dict[str, dict], int]:
+    def _run_prebuilt(self, split: str, limit: int | None, samples: dict[str, list[int]] | None
+                      ) -> tuple[dict[str, dict], int, dict[str, dict[str, list]]]:
         """What `evaluate` computes for single tasks (same requests, filters, `process_results` and aggregation, the
-        first filter reporting a metric wins as in its results), without rebuilding the requests per candidate."""
+        first filter reporting a metric wins as in its results), without rebuilding the requests per candidate; also
+        each metric's per-example values, in document order, for racing's paired comparison."""
         from collections import defaultdict
 
         from lm_eval.api.metrics import mean
@@ -341,6 +375,7 @@ class Fitness:
             for inst, resp in zip(reqs, resps, strict=True):
                 inst.resps.append(resp)
         results: dict[str, dict] = {}
+        per_example: dict[str, dict[str, list]] = {}
         examples = 0
         for name, (task, instances, docs) in built.items():
             task._instances = instances
@@ -358,8 +393,9 @@ class Fitness:
                         raw.setdefault(f"{metric},{filter_key}", []).append(value)
             aggregation = task.aggregation()  # lm-eval averages a metric without an aggregation, so do we
             results[name] = {k: aggregation.get(k.split(",")[0], mean)(v) for k, v in raw.items()}
+            per_example[name] = raw
             examples += len(docs)
-        return results, examples
+        return results, examples, per_example
 
     def _other(self, split: str) -> tuple[dict[str, float], int]:
         """Perplexity and callable tasks (never raced: their cost is their own)."""
@@ -423,42 +459,36 @@ class Fitness:
                 self._order[t.task] = order
         return self._order
 
-    def _race(self, incumbent: list[dict] | None) -> Score:
+    def _race(self, incumbent: dict[str, list[float]] | None) -> Score:
         rc = self.config.racing
         order = self._stage_order()
         sizes = {k: stage_sizes(rc.min_examples, rc.reduction_factor, len(v)) for k, v in order.items()}
         n_stages = max(len(s) for s in sizes.values())
         weights = {t.task: t.weight for t in self.lm_tasks}
         done = {k: 0 for k in order}
-        per_task: dict[str, float] = {}
+        values: dict[str, list[float]] = {k: [] for k in order}
         stages: list[dict] = []
         examples = 0
         for s in range(n_stages):
             target = {k: v[min(s, len(v) - 1)] for k, v in sizes.items()}
             samples = {k: order[k][done[k]:target[k]] for k in order if target[k] > done[k]}
-            new, n = self._lm_eval("search", samples=samples)
+            _, n, new = self._lm_eval("search", samples=samples)
             examples += n
             for k in samples:
-                prev = per_task.get(k, 0.0) * done[k]
-                per_task[k] = (prev + new[k] * (target[k] - done[k])) / target[k]
+                values[k] += [float(v) for v in new[k]]
             done = target
-            stages.append({"examples": dict(done), "per_task": dict(per_task)})
+            stages.append({"examples": dict(done), "per_task": {k: sum(v) / len(v) for k, v in values.items()}})
             last = s == n_stages - 1
-            inc = _stage_like(incumbent, done)
-            if not last and inc is not None and not keep_racing(per_task, inc, weights, min(done.values()), rc.z):
+            if not last and incumbent is not None and not keep_racing(values, incumbent, weights, rc.z):
                 break
         full = all(done[k] == len(order[k]) for k in order)
+        per_task = dict(stages[-1]["per_task"])
+        if not full:  # the incumbent's full score plus the paired difference: a control variate, far less noisy
+            per_task = {k: sum(incumbent[k]) / len(incumbent[k]) + per_task[k] - sum(incumbent[k][:done[k]]) / done[k]
+                        for k in per_task}
         other, n = self._other("search")
         per_task.update(other)
-        return Score(self._weighted(per_task), per_task, examples + n, stages, full)
-
-
-def _stage_like(incumbent: list[dict] | None, examples: dict[str, int]) -> dict[str, float] | None:
-    """The incumbent's per-task scores on exactly these examples per task, if it recorded that stage."""
-    for st in incumbent or []:
-        if st["examples"] == examples:
-            return st["per_task"]
-    return None
+        return Score(self._weighted(per_task), per_task, examples + n, stages, full, values)
 
 
 def _flatten(group_map: dict, name: str) -> list[str]:

@@ -136,6 +136,7 @@ class Study:
         self.space = build_space(cfg, self.storage_url)
         self.executor = executor or make_executor(cfg)
         self.runner = f"{socket.gethostname()}:{os.getpid()}"
+        self._upsert = None  # built on first use, for this storage's dialect
         self._optuna: optuna.Study | None = None
         self._storage: RDBStorage | None = None
         self._new_optimizer()  # an optimizer that cannot work on this space is a config error, raised before any write
@@ -279,7 +280,7 @@ class Study:
         if not self.shared:
             for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 self.storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
-        held: dict[int, optuna.trial.Trial] = {}
+        held: dict[int, int] = {}  # trial id -> trial number, of the trials this runner evaluates now
         beat = (_Heartbeat(self.storage, held, self.cfg.executor.heartbeat_s) if self.shared
                 else contextlib.nullcontext())
         next_check = 0.0
@@ -306,7 +307,7 @@ class Study:
                     time.sleep(POLL_S)
                     continue
                 for trial_id, result in self.executor.results(timeout=self.cfg.executor.heartbeat_s):
-                    self._record(st, held.pop(trial_id), result)
+                    self._record(trial_id, held.pop(trial_id), result)
                     if on_trial:
                         on_trial(Progress(sum(t.state.is_finished() for t in st.get_trials(deepcopy=False)),
                                           budget, _best_value(st)))
@@ -355,63 +356,69 @@ class Study:
             return False
         g, index = t.user_attrs[ATTR + "generation"], t.user_attrs[ATTR + "index"]
         recipe = self.space.decode(t.user_attrs[ATTR + "genome"], seed=self.cfg.seed * 1_000_003 + g * 1_009 + index)
-        trial = optuna.trial.Trial(st, t._trial_id)
         self._set_attrs(t._trial_id, {"recipe": recipe.to_dict(), "runner": self.runner})
-        held[t._trial_id] = trial
-        self.executor.submit(t._trial_id, recipe, "search", incumbent=self.incumbent_stages(st))
+        held[t._trial_id] = t.number
+        self.executor.submit(t._trial_id, recipe, "search", incumbent=self.incumbent_scores(st))
         return True
 
-    def _record(self, st: optuna.Study, trial: optuna.trial.Trial, result: TrialResult) -> None:
-        """Store a result; one whose trial another runner finished meanwhile (we were taken for dead) is dropped."""
+    def _record(self, trial_id: int, number: int, result: TrialResult) -> None:
+        """Store a result; one whose trial another runner finished meanwhile (we were taken for dead) is dropped.
+
+        The values go to the storage directly, not through `optuna.Study.tell`: tell re-reads the whole trial and
+        runs the study's sampler hooks, which evomerge's controller never uses; on a tiny candidate that is time
+        it cannot spare.  A NaN fitness (tell would refuse it) fails the trial."""
+        score, error = result.score, result.error
+        values = None if score is None else [float(v) for v in (
+            [score.per_task[t.task] for t in self.cfg.fitness.tasks] if self.multi_objective else [score.value])]
+        if values is not None and any(math.isnan(v) for v in values):
+            score, error = None, f"FloatingPointError: the fitness is NaN: {values}"
         try:
             attrs = {"timings": result.timings, "worker": result.worker}
             if result.attempts > 1:
                 attrs["attempts"] = result.attempts
-            score = result.score
             if score is None:
-                attrs["error"] = result.error
+                attrs["error"] = error
             else:
                 attrs.update({"scores": score.per_task, "value": score.value, "examples": score.examples,
                               "full_fidelity": score.full, "stages": score.stages})
-            self._set_attrs(trial._trial_id, attrs)
+                if score.full and score.example_scores:  # what later candidates race against, should it lead
+                    attrs["example_scores"] = score.example_scores
+            self._set_attrs(trial_id, attrs)
             if score is None:
-                st.tell(trial, state=TrialState.FAIL)
+                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
             else:
-                st.tell(trial, [score.per_task[t.task] for t in self.cfg.fitness.tasks] if self.multi_objective
-                        else score.value)
+                self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
-            if not self.storage.get_trial(trial._trial_id).state.is_finished():
+            if not self.storage.get_trial(trial_id).state.is_finished():
                 raise
-            optuna.logging.get_logger("evomerge").warning("trial %d was finished by another runner: %s",
-                                                          trial.number, e)
+            optuna.logging.get_logger("evomerge").warning("trial %d was finished by another runner: %s", number, e)
 
     def _set_attrs(self, trial_id: int, attrs: dict) -> None:
         """Several trial user attrs in one statement and one transaction, the same rows `Trial.set_user_attr`
         writes: each separate write is a lookup, an upsert and a commit (a WAL sync on SQLite), which on a tiny
-        candidate cost more than its filters and metrics together."""
-        from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel as Attr
+        candidate cost more than its filters and metrics together.  The upsert is built once and run with the rows
+        as parameters, so SQLAlchemy compiles it once per study, not once per write."""
+        from optuna.storages._rdb.models import TrialModel
         from optuna.storages._rdb.storage import _create_scoped_session
-        from sqlalchemy.dialects import postgresql, sqlite
 
-        dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(self.storage.engine.name)
-        if dialect is None:
+        if self._upsert is None:
+            self._upsert = _attr_upsert(self.storage.engine.name)
+        if self._upsert is False:
             for key, value in attrs.items():
                 self.storage.set_trial_user_attr(trial_id, ATTR + key, value)
             return
-        insert = dialect.insert(Attr).values(
-            [{"trial_id": trial_id, "key": ATTR + k, "value_json": json.dumps(v)} for k, v in attrs.items()])
-        upsert = insert.on_conflict_do_update(index_elements=[Attr.trial_id, Attr.key],
-                                              set_={"value_json": insert.excluded.value_json})
+        rows = [{"trial_id": trial_id, "key": ATTR + k, "value_json": json.dumps(v)} for k, v in attrs.items()]
         with _create_scoped_session(self.storage.scoped_session, True) as session:
             self.storage.check_trial_is_updatable(trial_id, TrialModel.find_or_raise_by_id(trial_id, session).state)
-            session.execute(upsert)
+            session.execute(self._upsert, rows)
 
-    def incumbent_stages(self, st: optuna.Study) -> list[dict] | None:
-        """The racing record of the best full-fidelity trial so far (None without racing or before the first)."""
+    def incumbent_scores(self, st: optuna.Study) -> dict[str, list[float]] | None:
+        """The per-example search scores of the best full-fidelity trial so far, which racing pairs candidates
+        against (None without racing or before the first)."""
         if self.cfg.fitness.racing is None:
             return None
         best = self.best_trial(st)
-        return best.user_attrs.get(ATTR + "stages") if best else None
+        return best.user_attrs.get(ATTR + "example_scores") if best else None
 
     # ---------------------------------------------------------------- results
     def best_trial(self, st: optuna.Study | None = None) -> optuna.trial.FrozenTrial | None:
@@ -511,6 +518,19 @@ class Study:
         return {"model": name, "test": None if result.score is None else result.score.value,
                 "per_task": None if result.score is None else result.score.per_task,
                 "search": search, "trial": trial, "recipe": recipe.to_dict()}
+
+
+def _attr_upsert(backend: str):
+    """INSERT ... ON CONFLICT (trial_id, key) DO UPDATE for trial user attrs, or False where the dialect has none."""
+    from optuna.storages._rdb.models import TrialUserAttributeModel as Attr
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(backend)
+    if dialect is None:
+        return False
+    insert = dialect.insert(Attr)
+    return insert.on_conflict_do_update(index_elements=[Attr.trial_id, Attr.key],
+                                        set_={"value_json": insert.excluded.value_json})
 
 
 class _Heartbeat(threading.Thread):

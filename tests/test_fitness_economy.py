@@ -31,8 +31,9 @@ def racing(tmp_path_factory):
     return LocalExecutor(load_study(with_fitness(write_study(tmp_path_factory.mktemp("race")), racing=RACING)))
 
 
-def unbeatable(sizes=(10, 20, 40)):
-    return [{"examples": {"tiny_up": n, "tiny_rot": n}, "per_task": {"tiny_up": 1.0, "tiny_rot": 1.0}} for n in sizes]
+def unbeatable(n=40):
+    """An incumbent's per-example search scores: every example right."""
+    return {"tiny_up": [1.0] * n, "tiny_rot": [1.0] * n}
 
 
 # ---------------------------------------------------------------- racing
@@ -52,6 +53,17 @@ def test_racing_never_promotes_fewer_than_the_configured_minimum(racing):
     assert not score.full and len(score.stages) == 1
     assert score.stages[0]["examples"] == {"tiny_up": 10, "tiny_rot": 10}
     assert score.examples == 20
+
+
+def test_a_stopped_candidate_is_valued_at_the_incumbents_score_plus_the_paired_difference(racing):
+    """Right on the first 10 examples and wrong on the other 30, the incumbent scores 0.25 in full; a candidate
+    stopped after those 10 is estimated at 0.25 + (its score there - 1)."""
+    recipe = build_space(racing.cfg).uniform(0.5, 0.5)
+    incumbent = {k: [1.0] * 10 + [0.0] * 30 for k in ("tiny_up", "tiny_rot")}
+    score = racing.evaluate(recipe, "search", incumbent=incumbent).score
+    assert not score.full
+    measured = score.stages[0]["per_task"]
+    assert score.per_task == pytest.approx({k: 0.25 + measured[k] - 1.0 for k in measured})
 
 
 def test_a_candidate_without_incumbent_runs_every_stage_and_matches_a_plain_evaluation(racing, tmp_path):
@@ -75,7 +87,7 @@ def test_prebuilt_requests_score_exactly_what_lm_eval_evaluate_scores(racing):
     seen = set()
     for split, limit, samples in cases:
         for _ in range(2):  # the second run reuses the prebuilt requests
-            fast, n_fast = fitness._run_prebuilt(split, limit, samples)
+            fast, n_fast, _ = fitness._run_prebuilt(split, limit, samples)
             slow, n_slow = fitness._evaluate(fitness.tasks(split), limit, samples)
             assert n_fast == n_slow == (80 if samples is None else 20)
             for task, metrics in fast.items():
@@ -88,10 +100,23 @@ def test_prebuilt_requests_score_exactly_what_lm_eval_evaluate_scores(racing):
 
 def test_keep_racing_drops_only_candidates_clearly_below_the_incumbent():
     w = {"a": 1.0}
-    assert keep_racing({"a": 0.5}, {"a": 0.5}, w, 10, 1.0)
-    assert keep_racing({"a": 0.4}, {"a": 0.5}, w, 10, 1.0)  # within one standard error of the difference
-    assert not keep_racing({"a": 0.1}, {"a": 0.9}, w, 10, 1.0)
-    assert keep_racing({"a": 0.1}, {"a": 0.9}, w, 10, 20.0)  # a wide enough bound keeps everyone
+    inc = {"a": [1.0, 0.0] * 5}
+    assert keep_racing({"a": [0.0, 1.0] * 5}, inc, w, 1.0)  # as good on average, on other examples
+    assert keep_racing({"a": [0.0] + inc["a"][1:]}, inc, w, 1.0)  # one example lost: within the bound
+    assert not keep_racing({"a": [0.0] * 10}, inc, w, 1.0)
+    assert keep_racing({"a": [0.0] * 10}, {"a": [1.0] + [0.0] * 9}, w, 1.0)  # one loss in ten is not proof
+
+
+def test_keep_racing_pairs_examples_so_a_consistent_small_loss_is_caught():
+    """Three losses in 30 and no win: a difference no unpaired bound on scores of 0.47 and 0.57 could see."""
+    inc = {"a": [1.0] * 17 + [0.0] * 13}
+    cand = {"a": [0.0] * 3 + [1.0] * 14 + [0.0] * 13}
+    assert not keep_racing(cand, inc, {"a": 1.0}, 1.0)
+    assert keep_racing(cand, inc, {"a": 1.0}, 4.0)  # a wide enough bound keeps everyone
+
+
+def test_keep_racing_keeps_a_candidate_the_incumbent_has_no_scores_to_compare_with():
+    assert keep_racing({"a": [0.0] * 10}, {"a": [1.0] * 5}, {"a": 1.0}, 1.0)
 
 
 def test_a_raced_study_records_examples_and_its_best_trial_is_full_fidelity(tmp_path, racing):
@@ -262,3 +287,22 @@ def test_a_callable_that_does_not_import_is_a_clear_error(tmp_path):
     study.write_text(yaml.safe_dump(data))
     with pytest.raises(FitnessError, match="cannot import 'no_such_module_xyz:score'"):
         LocalExecutor(load_study(study)).worker
+
+
+def test_a_fitness_that_adds_up_to_nan_fails_its_trial_not_the_study(tmp_path, monkeypatch):
+    (tmp_path / "extremes.py").write_text(textwrap.dedent("""\
+        def high(model, tokenizer, split):
+            return float("inf")
+
+        def low(model, tokenizer, split):
+            return float("-inf")
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    study = write_study(tmp_path)
+    data = yaml.safe_load(study.read_text())
+    data["fitness"]["tasks"] = [{"task": "high", "source": "callable", "function": "extremes:high"},
+                                {"task": "low", "source": "callable", "function": "extremes:low"}]
+    study.write_text(yaml.safe_dump(data))
+    trials = Study(load_study(study)).run(2).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all("fitness is NaN" in t.user_attrs[ATTR + "error"] for t in trials)
