@@ -100,41 +100,41 @@ def run(
         return
     cfg = _load(study_file)
     study = None
-    try:
-        study = Study(cfg, storage)
-        out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
-        method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
-        out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
-        if cfg.executor.name == "ray":
-            out.print(f"executor ray at {cfg.executor.address or os.environ.get('RAY_ADDRESS') or 'a new local Ray'}")
-        study.executor.start()  # loads parents and tasks: every input error surfaces before the DB is touched
-        study.check_compatible()
-    except _user_errors() as e:
-        if study is not None:
-            study.executor.close()
-        _fail(e, study_file, storage)
-    total = budget or cfg.budget
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=out, transient=False) as bar:
-        task = bar.add_task("trials", total=total, best="-")
-
-        def on_trial(p) -> None:
-            bar.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}")
-
+    try:  # whatever ends the run (done, a bad input, Ctrl-C), the executor's workers are shut down
         try:
-            st = study.run(total, on_trial=on_trial)
+            study = Study(cfg, storage)
+            out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
+            method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
+            out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
+            if cfg.executor.name == "ray":
+                address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+                out.print(f"executor ray at {address}")
+            study.executor.start()  # loads parents and tasks: every input error surfaces before the DB is touched
+            study.check_compatible()
         except _user_errors() as e:
-            study.executor.close()
             _fail(e, study_file, storage)
-        finished = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
-        best = study.best_trial()
-        bar.update(task, completed=min(finished, total), best=_fmt(trial_value(best) if best else None))
-    try:
+        total = budget or cfg.budget
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn()]
+        with Progress(*columns, console=out, transient=False) as bar:
+            task = bar.add_task("trials", total=total, best="-")
+
+            def on_trial(p) -> None:
+                bar.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}")
+
+            try:
+                st = study.run(total, on_trial=on_trial)
+            except _user_errors() as e:
+                _fail(e, study_file, storage)
+            finished = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
+            best = study.best_trial()
+            bar.update(task, completed=min(finished, total), best=_fmt(trial_value(best) if best else None))
         _print_table(study.final_table())
         _print_final_eval(study.final_eval())
     finally:
-        study.executor.close()
+        if study is not None:
+            study.executor.close()
 
 
 def _check(study_file: Path) -> None:

@@ -178,8 +178,8 @@ def path_sources(recipe: Recipe) -> list[str | dict]:
 
 
 def merged_model(recipe: Recipe, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """A parameter-space recipe merged in memory: model A of a PS+DFS path."""
-    mat = Materializer(recipe.base, recipe.parents, device, recipe.dtype)
+    """A parameter-space recipe merged in memory: model A of a PS+DFS path (merged once, so never compiled)."""
+    mat = Materializer(recipe.base, recipe.parents, device, recipe.dtype, compile=False)
     return mat.materialize(recipe)
 
 
@@ -208,11 +208,8 @@ def fold(models: list[PreTrainedModel], steps: list[Step]) -> PreTrainedModel:
     for k, st in enumerate(steps):
         c *= st.scale
         layer_state = decoder_layers(models[st.model])[st.layer].state_dict()
-        for name, t in layer_state.items():
-            t = t.clone()
-            if name.startswith(RESIDUAL_WRITERS):
-                t /= c
-            state[f"{prefix}.layers.{k}.{name}"] = t
+        for name, t in layer_state.items():  # load_state_dict copies, so only scaled tensors need new storage
+            state[f"{prefix}.layers.{k}.{name}"] = t / c if name.startswith(RESIDUAL_WRITERS) else t
     out = AutoModelForCausalLM.from_config(config, dtype=a.dtype)
     out.load_state_dict(state, strict=True)
     out.generation_config = copy.deepcopy(a.generation_config)

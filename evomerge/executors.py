@@ -111,10 +111,6 @@ class Executor(abc.ABC):
     def results(self, timeout: float | None = None) -> list[tuple[Hashable, TrialResult]]:
         """Results of finished jobs, at least one unless `timeout` passes first or nothing is in flight."""
 
-    @property
-    @abc.abstractmethod
-    def in_flight(self) -> int: ...
-
     def evaluate(self, recipe: Recipe, split: str = "search", **options: Any) -> TrialResult:
         """One job, start to end (the final table, baselines); only call it with nothing else in flight."""
         key = object()
@@ -149,10 +145,6 @@ class LocalExecutor(Executor):
 
     def free_slots(self) -> int:
         return 0 if self._queue else 1
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._queue)
 
     def submit(self, key: Hashable, recipe: Recipe, split: str = "search", **options: Any) -> None:
         self._queue.append((key, recipe, split, options))
@@ -305,10 +297,6 @@ class RayExecutor(Executor):
     # ------------------------------------------------------------- jobs
     def free_slots(self) -> int:
         return sum(s.job is None for s in self.slots) - len(self.backlog)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(s.job is not None for s in self.slots) + len(self.backlog)
 
     def submit(self, key: Hashable, recipe: Recipe, split: str = "search", **options: Any) -> None:
         self.start()

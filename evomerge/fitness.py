@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,10 +191,8 @@ def keep_racing(candidate: dict[str, list[float]], incumbent: dict[str, list[flo
         if len(incumbent.get(k, ())) < n:
             return True  # the incumbent was not scored on these examples: nothing to compare with
         d = [c - i for c, i in zip(candidate[k], incumbent[k])]
-        m = sum(d) / n
-        s2 = sum((x - m) ** 2 for x in d) / (n - 1) if n > 1 else 1.0
-        mean += w / total * m
-        var += (w / total) ** 2 * s2 / n
+        mean += w / total * statistics.fmean(d)
+        var += (w / total) ** 2 * (statistics.variance(d) if n > 1 else 1.0) / n
     return mean + z * math.sqrt(var) >= -1e-12  # one loss in n sits exactly on the z = 1 bound: kept
 
 
@@ -477,21 +476,18 @@ class Fitness:
             for k in samples:
                 values[k] += [float(v) for v in new[k]]
             done = target
-            stages.append({"examples": dict(done), "per_task": {k: _mean(v) for k, v in values.items()}})
+            stages.append({"examples": dict(done), "per_task": {k: statistics.fmean(v) for k, v in values.items()}})
             last = s == n_stages - 1
             if not last and incumbent is not None and not keep_racing(values, incumbent, weights, rc.z):
                 break
         full = all(done[k] == len(order[k]) for k in order)
         per_task = dict(stages[-1]["per_task"])
         if not full:  # the incumbent's full score plus the paired difference: a control variate, far less noisy
-            per_task = {k: _mean(incumbent[k]) + per_task[k] - _mean(incumbent[k][:done[k]]) for k in per_task}
+            per_task = {k: statistics.fmean(incumbent[k]) + per_task[k] - statistics.fmean(incumbent[k][:done[k]])
+                        for k in per_task}
         other, n = self._other("search")
         per_task.update(other)
         return Score(self._weighted(per_task), per_task, examples + n, stages, full, values)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _flatten(group_map: dict, name: str) -> list[str]:

@@ -56,13 +56,13 @@ def _t(group: str, num_layers: int) -> float:
     return i / (num_layers - 1) if num_layers > 1 else 0.0
 
 
-def _group_value(sources: list[tuple[str, Any]], tensors: list[str], group: str, num_layers: int,
+def _group_value(sources: list[Any], tensors: list[str], group: str, num_layers: int,
                  field: str) -> float | None:
     """A parameter's one value for a group: the first source that sets it wins; all tensors must agree."""
     values = set()
     for name in tensors:
         value = None
-        for _, setting in sources:
+        for setting in sources:
             try:
                 value = evaluate_setting(setting, name, _t(group, num_layers))
             except ValueError as e:
@@ -129,9 +129,9 @@ def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p) ->
         for p in m.tensor_params if method != "passthrough" else ():
             row = []
             for parent in parents:
-                sources = [(f"slices.{g}", s) for s in layer_params.get((parent, g), {}).get(p, [])]
-                sources += [(f"models.{parent}", prm[p]) for _, prm in per_model.get(parent, []) if p in prm]
-                sources += [("parameters", top[p])] if p in top else []
+                sources = list(layer_params.get((parent, g), {}).get(p, []))
+                sources += [prm[p] for _, prm in per_model.get(parent, []) if p in prm]
+                sources += [top[p]] if p in top else []
                 v = _group_value(sources, tensors, g, num_layers, f"parameters.{p}")
                 row.append(v)
             if all(v is None for v in row):
@@ -185,8 +185,6 @@ def _read_slices(slices: Any, num_layers: int, method: str, base: str | None):
                     entry.setdefault(k, []).append(v)
                 for k, v in (sl.get("parameters") or {}).items():
                     entry.setdefault(k, []).append(v)
-                if method == "passthrough":
-                    entry.setdefault("_source", []).append(True)
         out_layer = end
     if out_layer != num_layers:
         raise InvalidRecipe("slices", f"the slices cover {out_layer} layers, the model has {num_layers}: a merge that "

@@ -80,22 +80,19 @@ def _dataflow_space(cfg: StudyConfig, storage: str) -> DataflowSpace:
 
 def _best_recipe_of(cfg: StudyConfig, storage: str) -> dict:
     """Model A of a ps+dfs study: the best recipe of the named parameter-space study in the same storage."""
-    from sqlalchemy.engine import make_url
-
     name = cfg.models.a_from_study
-    url = make_url(storage)
     try:
-        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        if _missing_sqlite_file(storage):
             raise KeyError(name)  # never create a SQLite file just to look
         other = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         raise ConfigError(cfg.path, "models.a_from_study",
                           f"study {name!r} is not in this study's storage; run its study file first "
                           "(with the same storage)") from None
-    complete = other.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    ranked = ranked_trials(other)
+    if not ranked:
         raise ConfigError(cfg.path, "models.a_from_study", f"study {name!r} has no completed trial yet")
-    recipe = max(complete, key=lambda t: (t.value, -t.number)).user_attrs[ATTR + "recipe"]
+    recipe = ranked[0].user_attrs[ATTR + "recipe"]
     if recipe.get("path"):
         raise ConfigError(cfg.path, "models.a_from_study", f"study {name!r} is not a parameter-space (ps) study")
     return recipe
@@ -118,6 +115,22 @@ def _signature(cfg: StudyConfig, space: SearchSpace) -> dict:
 
 class StorageError(ValueError):
     """The study DB cannot be reached or opened."""
+
+
+def _storage_error(url: str, e: Exception) -> StorageError:
+    """What failed and what to check, with the URL's password masked (also where the driver's message echoes it)."""
+    reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+    password = make_url(url).password
+    if password:
+        reason = reason.replace(str(password), "***")
+    return StorageError(f"cannot open the study DB {safe_url(url)} ({reason}); check that the server runs and is "
+                        "reachable, and that the user, password and database exist")
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    """A SQLite URL whose file does not exist: looking a study up there would create the file."""
+    u = make_url(url)
+    return u.get_backend_name() == "sqlite" and bool(u.database) and not Path(u.database).exists()
 
 
 class Study:
@@ -168,28 +181,20 @@ class Study:
                             raise
                         time.sleep(0.5 + attempt)
             except sqlalchemy.exc.SQLAlchemyError as e:
-                reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-                raise StorageError(
-                    f"cannot open the study DB {safe_url(self.storage_url)} ({reason}); check that the server runs "
-                    "and is reachable, and that the user, password and database exist"
-                ) from None
+                raise _storage_error(self.storage_url, e) from None
         return self._storage
 
     def exists(self) -> bool:
         """Whether the study is in the storage; never creates a SQLite file just to find out."""
-        url = make_url(self.storage_url)
-        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        if _missing_sqlite_file(self.storage_url):
             return False
         try:
-            optuna.load_study(study_name=self.cfg.study, storage=self.storage)
+            self._optuna = optuna.load_study(study_name=self.cfg.study, storage=self.storage)
             return True
         except KeyError:
             return False
         except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
-            reason = str(getattr(e, "orig", None) or e).splitlines()[0]
-            if url.password:
-                reason = reason.replace(str(url.password), "***")
-            raise StorageError(f"cannot open {safe_url(self.storage_url)} ({reason})") from None
+            raise _storage_error(self.storage_url, e) from None
 
     @property
     def optuna(self) -> optuna.Study:
@@ -298,10 +303,11 @@ class Study:
                 if finished >= budget and not held:
                     return st
                 running = sum(t.state == TrialState.RUNNING for t in trials)
+                incumbent = self.incumbent_scores(st) if waiting else None  # unchanged until a result is recorded
                 for t in waiting:
                     if self.executor.free_slots() <= 0 or finished + running >= budget:
                         break
-                    if self._claim(st, t, held):
+                    if self._claim(t, held, incumbent):
                         running += 1
                 if not held:
                     time.sleep(POLL_S)
@@ -343,7 +349,7 @@ class Study:
                 st.enqueue_trial({}, user_attrs=attrs)
                 room -= 1
 
-    def _claim(self, st: optuna.Study, t: optuna.trial.FrozenTrial, held: dict) -> bool:
+    def _claim(self, t: optuna.trial.FrozenTrial, held: dict, incumbent: dict[str, list[float]] | None) -> bool:
         """Take one WAITING trial (atomic: of several runners, exactly one wins) and hand it to the executor.
 
         The heartbeat is written before the claim, so no other runner ever sees the claimed trial as stale."""
@@ -358,7 +364,7 @@ class Study:
         recipe = self.space.decode(t.user_attrs[ATTR + "genome"], seed=self.cfg.seed * 1_000_003 + g * 1_009 + index)
         self._set_attrs(t._trial_id, {"recipe": recipe.to_dict(), "runner": self.runner})
         held[t._trial_id] = t.number
-        self.executor.submit(t._trial_id, recipe, "search", incumbent=self.incumbent_scores(st))
+        self.executor.submit(t._trial_id, recipe, "search", incumbent=incumbent)
         return True
 
     def _record(self, trial_id: int, number: int, result: TrialResult) -> None:
@@ -573,17 +579,13 @@ def _sqlite_pragmas(conn, _record) -> None:
 RACED_OUT = 100.0
 
 
-def _for_optimizer(values: float | list[float], full: bool, stages: int) -> float | list[float]:
-    """What the optimizer is told: a trial stopped by racing ranks below every trial that ran more stages (the
-    successive-halving order), then by its estimate; its stored value stays the estimate.  The optimizers are
-    rank-based, so the offset changes no ranking among full-fidelity trials."""
-    return values if full else values - RACED_OUT + stages
-
-
 def told_value(t: optuna.trial.FrozenTrial) -> float | list[float]:
-    """`_for_optimizer` for a stored trial (a resumed generation)."""
-    values = t.values if len(t.values) > 1 else t.value
-    return _for_optimizer(values, t.user_attrs.get(ATTR + "full_fidelity", True), len(t.user_attrs.get(ATTR + "stages") or []))
+    """What the optimizer is told of a finished trial: a trial stopped by racing (one objective only) ranks below
+    every trial that ran more stages (the successive-halving order), then by its estimate; its stored value stays the
+    estimate.  The optimizers are rank-based, so the offset changes no ranking among full-fidelity trials."""
+    if len(t.values) > 1 or t.user_attrs.get(ATTR + "full_fidelity", True):
+        return t.values if len(t.values) > 1 else t.value
+    return t.value - RACED_OUT + len(t.user_attrs.get(ATTR + "stages") or [])
 
 
 def trial_value(t: optuna.trial.FrozenTrial) -> float:

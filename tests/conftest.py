@@ -38,6 +38,14 @@ def write_study(tmp: Path, **overrides) -> Path:
     return path
 
 
+def with_fitness(path: Path, **fields) -> Path:
+    """The study file at `path` with these `fitness:` fields set."""
+    data = yaml.safe_load(path.read_text())
+    data["fitness"].update(fields)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture
 def study_file(tmp_path: Path) -> Path:
     return write_study(tmp_path)

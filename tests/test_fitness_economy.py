@@ -13,16 +13,9 @@ from evomerge.fitness import FitnessError, check_contamination, keep_racing, sta
 from evomerge.optimizers import Optimizer, create_optimizer
 from evomerge.recipe import Recipe
 from evomerge.study import ATTR, Study, build_space, pareto_front
-from tests.conftest import ROOT, write_study
+from tests.conftest import ROOT, with_fitness, write_study
 
 RACING = {"min_examples": 10, "reduction_factor": 2, "z": 1.0}
-
-
-def with_fitness(path: Path, **fields) -> Path:
-    data = yaml.safe_load(path.read_text())
-    data["fitness"].update(fields)
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -264,13 +257,10 @@ def test_perplexity_and_callable_sources_score_the_split_they_are_given(tmp_path
             return {"search": 0.25, "test": 0.75}[split]
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    study = write_study(tmp_path)
-    data = yaml.safe_load(study.read_text())
-    data["fitness"]["tasks"] = [
+    study = with_fitness(write_study(tmp_path), tasks=[
         {"task": "ppl", "source": "perplexity", "search_split": "search.txt", "test_split": "test.txt"},
         {"task": "mine", "source": "callable", "function": "my_fitness:score"},
-    ]
-    study.write_text(yaml.safe_dump(data))
+    ])
     executor = LocalExecutor(load_study(study))
     recipe = build_space(executor.cfg).uniform(0.5, 0.5)
     search, test = executor.evaluate(recipe, "search").score, executor.evaluate(recipe, "test").score
@@ -298,11 +288,10 @@ def test_a_fitness_that_adds_up_to_nan_fails_its_trial_not_the_study(tmp_path, m
             return float("-inf")
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    study = write_study(tmp_path)
-    data = yaml.safe_load(study.read_text())
-    data["fitness"]["tasks"] = [{"task": "high", "source": "callable", "function": "extremes:high"},
-                                {"task": "low", "source": "callable", "function": "extremes:low"}]
-    study.write_text(yaml.safe_dump(data))
+    study = with_fitness(write_study(tmp_path), tasks=[
+        {"task": "high", "source": "callable", "function": "extremes:high"},
+        {"task": "low", "source": "callable", "function": "extremes:low"},
+    ])
     trials = Study(load_study(study)).run(2).get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
     assert all("fitness is NaN" in t.user_attrs[ATTR + "error"] for t in trials)

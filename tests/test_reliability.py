@@ -22,7 +22,7 @@ from evomerge.cli import app
 from evomerge.config import load_study
 from evomerge.executors import LocalExecutor
 from evomerge.study import ATTR, Study
-from tests.conftest import write_study
+from tests.conftest import with_fitness, write_study
 
 BUDGET = 16
 
@@ -33,11 +33,8 @@ def run(cmd, *args, timeout=300):
 
 def small_study(tmp: Path, **overrides) -> Path:
     """Four generations of four candidates, ten examples per task: a study whose trials take a fraction of a second."""
-    path = write_study(tmp, budget=BUDGET, baselines={"weight": [0.5], "density": [0.5]}, **overrides)
-    data = yaml.safe_load(path.read_text())
-    data["fitness"]["limit"] = 10
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return with_fitness(write_study(tmp, budget=BUDGET, baselines={"weight": [0.5], "density": [0.5]}, **overrides),
+                        limit=10)
 
 
 def finished(db: Path) -> int:
@@ -208,7 +205,6 @@ def test_out_of_memory_fails_the_trial_releases_its_memory_and_the_study_goes_on
     """A real allocation failure: the address space is capped 1 MiB above what the worker holds for one candidate
     (with every allocation of 64 KiB or more a fresh mapping, so the cap bites inside the merge).  On CUDA,
     `torch.cuda.OutOfMemoryError` takes the same branch of `Worker.evaluate`, which also empties the CUDA cache."""
-    import json
     import os
     import sys
 
