@@ -230,7 +230,9 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _base_when_needed(self) -> StudyConfig:
-        if self.search_space.kind == "ps" and METHODS[self.merge.method].uses_base and not self.models.base:
+        if self.search_space.kind != "ps":
+            return self  # a data-flow search runs layers as they are: merge.method never applies
+        if METHODS[self.merge.method].uses_base and not self.models.base:
             raise ValueError(f"merge method {self.merge.method} works on task vectors: set models.base")
         try:
             validate(self.merge.method, self.models.base, self.models.parents, {}, self.merge.options)

@@ -204,6 +204,14 @@ def _small_fitness() -> dict:
     return {**data, "include_path": str(TINY.parent.parent / "fitness" / "tiny"), "limit": 10}
 
 
+def test_a_dfs_study_needs_no_base_model_whatever_merge_method_it_names(tmp_path):
+    """A data-flow search never merges, so the task-vector methods' need for a base does not apply to it."""
+    path = _dfs_study(tmp_path, merge={"method": "ties"},
+                      models={"parents": [str(TINY / "up"), str(TINY / "rot")]})
+    cfg = load_study(path)
+    assert cfg.models.base is None and cfg.search_space.kind == "dfs"
+
+
 def test_dfs_study_runs_and_its_best_exports_to_a_plain_model(tmp_path, evomerge_cmd):
     path = _dfs_study(tmp_path)
     res = subprocess.run(evomerge_cmd + ["run", str(path)], capture_output=True, text=True)
