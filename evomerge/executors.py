@@ -57,7 +57,7 @@ class Worker:
             self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.merge.dtype)
             model = self.dataflow.model
         tokenizer = AutoTokenizer.from_pretrained(cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
-        model.get_output_embeddings().register_forward_hook(_refuse_non_finite_logits)
+        model.register_forward_hook(_refuse_non_finite_logits)  # the model object every candidate runs through
         self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device), seed=cfg.seed)
 
     def evaluate(self, recipe: Recipe, split: str = "search",
@@ -85,9 +85,13 @@ class Worker:
         return TrialResult(None, {"total_s": time.perf_counter() - t0}, error)
 
 
-def _refuse_non_finite_logits(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> None:
-    """Greedy decoding turns NaN logits into some token and a plausible-looking score; fail the candidate instead."""
-    if not torch.isfinite(logits).all():
+def _refuse_non_finite_logits(module: torch.nn.Module, args: tuple, output) -> None:
+    """Greedy decoding turns NaN logits into some token and a plausible-looking score; fail the candidate instead.
+
+    Hooked on the whole CausalLM, not its head: a data-flow path swaps the head for its first model's.  Only the
+    extremes are checked (NaN and inf propagate into them), so no logits-sized mask is allocated per forward pass."""
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    if not torch.isfinite(torch.stack(torch.aminmax(logits))).all():
         raise FloatingPointError("the candidate's logits are not finite (NaN or inf)")
 
 

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from evomerge.config import ConfigError, load_study
 from evomerge.dataflow import Dataflow, PathError, check_foldable, steps_of, write_path_model
 from evomerge.executors import LocalExecutor
+from evomerge.io import inspect_model
 from evomerge.optimizers import CatCMA, Optimizer, create_optimizer
 from evomerge.recipe import Recipe
 from evomerge.spaces import DataflowSpace, Range
@@ -202,6 +203,18 @@ def _dfs_study(tmp: Path, **over) -> Path:
 def _small_fitness() -> dict:
     data = yaml.safe_load((TINY / "study.yaml").read_text())["fitness"]
     return {**data, "include_path": str(TINY.parent.parent / "fitness" / "tiny"), "limit": 10}
+
+
+def test_non_finite_logits_fail_a_path_whose_first_model_is_not_the_shells_template(tmp_path):
+    """The base row of a DFS final table runs the base's own layers and head; a broken base must fail that
+    evaluation, not score, although the worker's shell was built from the first parent."""
+    executor = LocalExecutor(load_study(_dfs_study(tmp_path)))
+    base = executor.cfg.models.base
+    layers = [[0, i] for i in range(inspect_model(base).num_layers)]
+    with torch.no_grad():
+        executor.worker.dataflow.source(base).lm_head.weight.fill_(float("nan"))
+    result = executor.evaluate(Recipe("passthrough", [base], {}, path={"layers": layers}), "test")
+    assert result.score is None and "logits are not finite" in result.error
 
 
 def test_a_dfs_study_needs_no_base_model_whatever_merge_method_it_names(tmp_path):
