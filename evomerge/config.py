@@ -5,8 +5,10 @@ path); the study may override any preset field.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import re
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,22 +16,38 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .merge.methods import METHODS, InvalidRecipe, validate
-from .mergekit import from_mergekit, is_mergekit, model_for
+from .mergekit import check_sections, from_mergekit, is_mergekit, model_for
 from .recipe import Recipe
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+MAX_FILE_BYTES = 1 << 20  # a study, preset, recipe or config file; real ones are a few kB
+MAX_DEPTH = 32  # YAML nesting, aliases expanded; the deepest real field is ~6 levels down
+MAX_NODES = 100_000  # YAML values, aliases expanded: an alias bomb stops here, not in pydantic or a message
+MAX_MESSAGE = 400  # characters of one value or path in a message
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` cut in the middle past `limit` characters: a message must never render a huge value or path."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]}…({len(text) - limit} characters cut)…{text[-limit // 4:]}"
 
 
 class ConfigError(ValueError):
     """Bad input in a user file; the CLI prints it and exits with code 2."""
 
     def __init__(self, file: str | Path, field: str, message: str):
-        self.file, self.field, self.message = str(file), field, message
-        super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+        self.file, self.field, self.message = shorten(str(file)), shorten(field, 200), shorten(message, 2 * MAX_MESSAGE)
+        super().__init__(f"{self.file}: {self.field}: {self.message}" if field else f"{self.file}: {self.message}")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused; NaN and infinity refused in every float (a range check is never false for NaN)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelsConfig(_Strict):
@@ -79,7 +97,7 @@ class SearchSpaceConfig(_Strict):
     """
 
     kind: Literal["ps", "dfs", "ps+dfs"] = "ps"
-    layer_granularity: int = Field(1, ge=1)
+    layer_granularity: int = Field(1, ge=1, le=100_000)
     groups: list[Literal["embed", "layers", "head"]] = Field(default_factory=lambda: ["embed", "layers", "head"])
     weight: RangeConfig = RangeConfig(low=0.0, high=1.0)
     density: RangeConfig = RangeConfig(low=0.1, high=1.0)
@@ -88,7 +106,7 @@ class SearchSpaceConfig(_Strict):
         default_factory=lambda: {"weight": 0.5, "density": 1.0})
 
     layout: Literal["published", "positions"] = "published"
-    repeats: int = Field(3, ge=1, description="published layout: how many times the source layers are laid out")
+    repeats: int = Field(3, ge=1, le=1000, description="published layout: how many times the source layers are laid out")
     scale: RangeConfig = RangeConfig(low=0.4, high=1.5)
 
     @model_validator(mode="after")
@@ -106,11 +124,17 @@ class SearchSpaceConfig(_Strict):
         return self
 
 
+MAX_POPSIZE = 100_000
+MAX_BUDGET = 10_000_000  # trials; each is a few rows in the study DB
+MAX_SEED = 2**32 - 1  # what numpy's and pycma's seeding accept
+
+
 class OptimizerConfig(_Strict):
     name: Literal["cmaes", "catcma", "random", "tpe", "nsga2"] = Field(
         "cmaes", description="nsga2 searches one objective per fitness task (a Pareto front) instead of their weighted mean")
-    sigma0: float = Field(1 / 6, gt=0)
-    popsize: int | None = Field(None, ge=2)
+    sigma0: float = Field(1 / 6, gt=0, le=1e6)
+    popsize: int | None = Field(None, ge=2, le=MAX_POPSIZE,
+                                description="candidates per generation; each is a stored trial and a genome in memory")
 
 
 class TaskConfig(_Strict):
@@ -120,7 +144,7 @@ class TaskConfig(_Strict):
                                        "for other sources, the name the scores are stored under")
     source: Literal["lm-eval", "perplexity", "callable"] = "lm-eval"
     metric: str = "exact_match"
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, le=1e6)
     search_split: str = Field("search", description="lm-eval split, or the text file (perplexity) the search reads")
     test_split: str = Field("test", description="lm-eval split, or the text file (perplexity) the final eval reads")
     function: str | None = Field(None, description="source callable: `module:function`, "
@@ -143,19 +167,19 @@ class RacingConfig(_Strict):
     soon as it provably cannot beat the incumbent (successive-halving stages; elimination by a confidence bound on
     its per-example differences from the incumbent)."""
 
-    min_examples: int = Field(10, ge=1, description="examples per task every candidate is scored on, at least")
-    reduction_factor: float = Field(3.0, gt=1, description="each stage has this many times the previous examples")
-    z: float = Field(1.0, ge=0,
+    min_examples: int = Field(10, ge=1, le=10**9, description="examples per task every candidate is scored on, at least")
+    reduction_factor: float = Field(3.0, gt=1, le=1e6, description="each stage has this many times the previous examples")
+    z: float = Field(1.0, ge=0, le=100,
                      description="width of the confidence bound on the mean paired difference, in standard errors")
 
 
 class FitnessConfig(_Strict):
     tasks: list[TaskConfig] = Field(..., min_length=1)
     include_path: list[str] = Field(default_factory=list, description="folders of lm-eval task YAMLs")
-    batch_size: int = Field(32, ge=1)
-    limit: int | None = Field(None, ge=1, description="examples per task and split (None: all)")
+    batch_size: int = Field(32, ge=1, le=100_000)
+    limit: int | None = Field(None, ge=1, le=10**9, description="examples per task and split (None: all)")
     racing: RacingConfig | None = Field(None, description="multi-fidelity racing on the search split (off: None)")
-    final_top_k: int = Field(3, ge=1, description="best trials re-scored on the test split after the search")
+    final_top_k: int = Field(3, ge=1, le=1000, description="best trials re-scored on the test split after the search")
     allow_test_split_search: bool = Field(
         False, description="let a search split be a public benchmark's test split (contaminates the final number)")
 
@@ -168,8 +192,8 @@ class FitnessConfig(_Strict):
 class BaselineConfig(_Strict):
     """The grid of uniform merges (one weight and density everywhere) that the final table compares against."""
 
-    weight: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    density: list[float] = Field(default_factory=lambda: [0.3, 0.6, 1.0])
+    weight: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], max_length=100)
+    density: list[float] = Field(default_factory=lambda: [0.3, 0.6, 1.0], max_length=100)
 
 
 class ExecutorConfig(_Strict):
@@ -178,13 +202,17 @@ class ExecutorConfig(_Strict):
     name: Literal["local", "ray"] = "local"
     address: str | None = Field(None, description="ray: 'auto', 'host:port' or 'ray://host:port'; "
                                                   "None: $RAY_ADDRESS, else a new local Ray")
-    actors: int | None = Field(None, ge=1, description="ray: actor count (default: one per GPU, else per CPU slot)")
-    num_gpus_per_actor: float | None = Field(None, ge=0, description="ray: default 1 when the cluster has GPUs")
-    num_cpus_per_actor: float = Field(1.0, gt=0)
-    threads_per_actor: int | None = Field(None, ge=1, description="ray: torch/OpenMP threads inside each actor")
-    max_retries: int = Field(2, ge=0, description="ray: re-runs of a trial whose actor died, before it fails")
-    heartbeat_s: float = Field(10.0, gt=0, description="how often a runner marks its running trials alive")
-    stale_after_s: float = Field(60.0, gt=0, description="a running trial silent this long is re-queued")
+    actors: int | None = Field(None, ge=1, le=10_000,
+                               description="ray: actor count (default: one per GPU, else per CPU slot)")
+    num_gpus_per_actor: float | None = Field(None, ge=0, le=1024, description="ray: default 1 when the cluster has GPUs")
+    num_cpus_per_actor: float = Field(1.0, gt=0, le=1024)
+    threads_per_actor: int | None = Field(None, ge=1, le=1024, description="ray: torch/OpenMP threads inside each "
+                                                                          "actor (default: its num_cpus_per_actor)")
+    threads: int | None = Field(None, ge=1, le=1024, description="local: torch/OpenMP threads of the worker "
+                                                                "(default: the cores this process may run on)")
+    max_retries: int = Field(2, ge=0, le=100, description="ray: re-runs of a trial whose actor died, before it fails")
+    heartbeat_s: float = Field(10.0, gt=0, le=86_400, description="how often a runner marks its running trials alive")
+    stale_after_s: float = Field(60.0, gt=0, le=10**7, description="a running trial silent this long is re-queued")
 
     @model_validator(mode="before")
     @classmethod
@@ -198,6 +226,8 @@ class ExecutorConfig(_Strict):
                      if getattr(self, k) is not None]
             if extra:
                 raise ValueError(f"{extra[0]} applies only to the ray executor (set name: ray)")
+        elif self.threads is not None:
+            raise ValueError("threads applies to the local executor; a Ray actor uses threads_per_actor")
         if self.stale_after_s < 2 * self.heartbeat_s:
             raise ValueError(f"stale_after_s ({self.stale_after_s:g}) must be at least twice heartbeat_s "
                              f"({self.heartbeat_s:g}), or live trials would be taken for dead")
@@ -205,11 +235,13 @@ class ExecutorConfig(_Strict):
 
 
 class StudyConfig(_Strict):
-    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="study name inside the storage")
-    storage: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<study file dir>/<study>.db")
-    seed: int = 0
-    budget: int = Field(..., ge=1, description="number of trials (evaluated candidates)")
-    device: str = "auto"
+    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", max_length=128,
+                       description="study name inside the storage (and the default SQLite file's name)")
+    storage: str | None = Field(None, max_length=4096,
+                                description="SQLAlchemy URL; default sqlite:///<study file dir>/<study>.db")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    budget: int = Field(..., ge=1, le=MAX_BUDGET, description="number of trials (evaluated candidates)")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     models: ModelsConfig
     merge: MergeConfig = MergeConfig()
     search_space: SearchSpaceConfig
@@ -218,6 +250,11 @@ class StudyConfig(_Strict):
     baselines: BaselineConfig = BaselineConfig()
     executor: ExecutorConfig = ExecutorConfig()
     _path: Path = PrivateAttr(default_factory=Path)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
 
     @model_validator(mode="after")
     def _objectives(self) -> StudyConfig:
@@ -258,13 +295,114 @@ class StudyConfig(_Strict):
         return self.storage or f"sqlite:///{self._path.parent / (self.study + '.db')}"
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(path, "", "file not found")
+def read_text(path: Path, what: str = "file", limit: int = MAX_FILE_BYTES) -> str:
+    """A user file's text: UTF-8, at most `limit` bytes; a directory, a too-long path or an unreadable file is a
+    ConfigError that says which."""
     try:
-        data = yaml.safe_load(path.read_text())
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(path, "", f"{what} not found") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read the {what}: {_os_reason(e)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(path, "", f"is a directory; give the {what} itself (a .yaml file)")
+    if st.st_size > limit:
+        raise ConfigError(path, "", f"{st.st_size} bytes, more than the {limit} a {what} may have")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read the {what}: {_os_reason(e)}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(path, "", f"not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                                    "save the file as UTF-8") from None
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ENAMETOOLONG:
+        return "the path is longer than the operating system allows (255 bytes per name, 4096 in all)"
+    return e.strerror or type(e).__name__
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that stops nesting past MAX_DEPTH while composing (the composer recurses: thousands of
+    levels would end in a RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _check_tree(path: Path, root: yaml.Node) -> None:
+    """Refuse duplicate keys (YAML would keep the last one silently), and trees too large or too deep once aliases
+    are expanded (an alias bomb is a few lines that expand to billions of values) or that contain themselves."""
+    memo: dict[int, tuple[int, int]] = {}  # node -> (expanded size, expanded height)
+    active: set[int] = set()
+
+    def walk(node: yaml.Node, field: str, depth: int) -> tuple[int, int]:
+        if id(node) in memo:
+            size, height = memo[id(node)]
+        else:
+            if id(node) in active:
+                raise ConfigError(path, field, "an alias refers to a value that contains it (a cycle)")
+            active.add(id(node))
+            size, height = 1, 0
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[str, int] = {}
+                for k, v in node.value:
+                    key = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                    sub = f"{field}.{key}" if field else key
+                    if key in seen and key != "<<":
+                        raise ConfigError(path, sub, f"duplicate key (lines {seen[key]} and {k.start_mark.line + 1}); "
+                                                     "YAML would silently keep the last value: keep one")
+                    seen[key] = k.start_mark.line + 1
+                    s, h = walk(v, sub, depth + 1)
+                    size, height = size + s + 1, max(height, h + 1)
+            elif isinstance(node, yaml.SequenceNode):
+                for i, v in enumerate(node.value):
+                    s, h = walk(v, f"{field}.{i}" if field else str(i), depth + 1)
+                    size, height = size + s, max(height, h + 1)
+            active.discard(id(node))
+            memo[id(node)] = size, height
+        if depth + height > MAX_DEPTH:
+            raise ConfigError(path, field, f"nested deeper than {MAX_DEPTH} levels (aliases expanded)")
+        if size > MAX_NODES:
+            raise ConfigError(path, field, f"more than {MAX_NODES} values (aliases expanded): "
+                                           "an alias bomb, or not a config file")
+        return size, height
+
+    walk(root, "", 0)
+
+
+def load_yaml(path: Path, what: str = "file") -> dict:
+    """A user YAML file as a mapping, safely: UTF-8, size-, depth- and alias-bounded, no duplicate keys, no tags
+    that run code."""
+    text = read_text(path, what)
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError(path, "", "empty file; expected a mapping of fields")
+        _check_tree(path, node)
+        data = loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise ConfigError(path, "", f"not valid YAML ({e})") from e
+        raise ConfigError(path, "", f"not valid YAML ({e})") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(path, "", f"not valid YAML ({e})") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(path, "", "expected a mapping of fields at the top level")
     return data
@@ -297,11 +435,11 @@ def _load_preset(study_path: Path, raw: Any) -> dict:
     if preset is None:
         return raw
     candidates = [study_path.parent / preset, PRESETS_DIR / preset, PRESETS_DIR / f"{preset}.yaml"]
-    found = next((c for c in candidates if c.is_file()), None)
+    found = next((c for c in candidates if _is(c, stat.S_ISREG)), None)
     if found is None:
         names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
         raise ConfigError(study_path, "search_space.preset", f"{preset!r} not found; presets: {', '.join(names)}")
-    data = _read_yaml(found)
+    data = load_yaml(found, "preset")
     return {**data, **raw}
 
 
@@ -315,11 +453,82 @@ def _hub_snapshot(repo_id: str) -> str:
     return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"])
 
 
+def _is(p: str | Path, kind=stat.S_ISDIR) -> bool:
+    """Whether `p` exists and is of `kind`; False, not an exception, for a path the OS refuses (too long, ...)."""
+    try:
+        return kind(Path(p).stat().st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_path(file: Path, field: str, p: str) -> None:
+    """Refuse, by name, a path the operating system cannot hold (it would otherwise raise deep inside)."""
+    if "\0" in p:
+        raise ConfigError(file, field, "a path cannot contain a NUL character")
+    try:
+        Path(p).expanduser().stat()
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise ConfigError(file, field, f"{shorten(p, 80)}: {_os_reason(e)}") from None
+
+
+def check_device(v: str) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`: checked as a word here, for presence when the study runs."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", v):
+        raise ValueError(f"unknown device {shorten(v, 60)!r}; allowed: auto, cpu, cuda, cuda:N")
+    return v
+
+
+def _check_device_present(path: Path, device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count()
+        index = int(device.partition(":")[2] or 0)
+        if index >= n:
+            raise ConfigError(path, "device", f"{device} requested, but this machine has "
+                                              f"{n or 'no'} CUDA device{'s' if n != 1 else ''}; use auto or cpu")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def _check_models(path: Path, cfg: StudyConfig) -> None:
+    """Every local model directory read as far as its headers (config.json, safetensors headers), before anything
+    is written or loaded; errors name the study field.  The tokenizer comes from the base (else the first parent)."""
+    from .io import ModelFilesError, check_compatible, inspect_model
+
+    fields = ([("models.base", cfg.models.base)] if cfg.models.base else []) + [
+        (f"models.parents.{i}", p) for i, p in enumerate(cfg.models.parents)]
+    local = [(f, p) for f, p in fields if _is(p)]
+    infos = []
+    for field, p in local:
+        try:
+            infos.append(inspect_model(p))
+        except ModelFilesError as e:
+            raise ConfigError(path, field, str(e)) from None
+    if local and local[0][1] == (cfg.models.base or cfg.models.parents[0]):
+        field, p = local[0]
+        if not any((Path(p) / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(path, field, f"{p} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): the "
+                                           "candidates are scored with this model's tokenizer; copy it in")
+    by_path = {str(p): f for f, p in local}
+    try:
+        check_compatible(infos)
+    except ModelFilesError as e:
+        field = next((f for p, f in by_path.items() if str(e).startswith(p + ":")), "models")
+        raise ConfigError(path, field, str(e)) from None
+
+
 def _model_path(study: Path, field: str, p: str, download: bool) -> str:
     """A local model directory (relative to the study file), or a Hub id `org/name` that must not clash with one."""
+    _check_path(study, field, p)
     local = _resolve(study.parent, p)
-    if Path(local).is_dir():
+    if _is(local):
         return local
+    if Path(local).exists():
+        raise ConfigError(study, field, f"{local} is a file; a model directory (config.json, weights) is expected")
     if not _HUB_ID.match(p):
         raise ConfigError(study, field, f"model directory {local} does not exist (and {p!r} is not a Hub id org/name)")
     if not download:
@@ -338,7 +547,7 @@ def load_study(path: str | Path, download: bool = True) -> StudyConfig:
     checked for syntax and left as ids.
     """
     path = Path(path)
-    data = _read_yaml(path)
+    data = load_yaml(path, "study file")
     if "search_space" in data:
         data["search_space"] = _load_preset(path, data["search_space"])
     try:
@@ -349,16 +558,22 @@ def load_study(path: str | Path, download: bool = True) -> StudyConfig:
     if cfg.models.base:
         cfg.models.base = _model_path(path, "models.base", cfg.models.base, download)
     cfg.models.parents = [_model_path(path, f"models.parents.{i}", p, download) for i, p in enumerate(cfg.models.parents)]
+    _check_models(path, cfg)
+    if download:
+        _check_device_present(path, cfg.device)
     for i, t in enumerate(cfg.fitness.tasks):
         if t.source == "perplexity":
             for split in ("search_split", "test_split"):
+                _check_path(path, f"fitness.tasks.{i}.{split}", getattr(t, split))
                 f = _resolve(d, getattr(t, split))
-                if not Path(f).is_file():
+                if not _is(f, stat.S_ISREG):
                     raise ConfigError(path, f"fitness.tasks.{i}.{split}", f"text file {f} does not exist")
                 setattr(t, split, f)
+    for i, p in enumerate(cfg.fitness.include_path):
+        _check_path(path, f"fitness.include_path.{i}", p)
     cfg.fitness.include_path = [_resolve(d, p) for p in cfg.fitness.include_path]
     for i, p in enumerate(cfg.fitness.include_path):
-        if not Path(p).is_dir():
+        if not _is(p):
             raise ConfigError(path, f"fitness.include_path.{i}", f"folder {p} does not exist")
     if cfg.storage and cfg.storage.startswith("sqlite:///") and not cfg.storage.startswith("sqlite:////"):
         cfg.storage = "sqlite:///" + _resolve(d, cfg.storage.removeprefix("sqlite:///"))
@@ -449,7 +664,7 @@ def load_recipe(path: str | Path) -> Recipe:
     Everything is checked before any tensor is read: method, parameters and their ranges, model count, base model.
     """
     path = Path(path)
-    data = _read_yaml(path)
+    data = load_yaml(path, "recipe")
     if is_mergekit(data):
         return _load_mergekit(path, data)
     return _recipe_from(path, data, "")
@@ -500,7 +715,9 @@ def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list
 
 def _check_dirs(path: Path, fields: list[tuple[str, str | None]]) -> None:
     for field, p in fields:
-        if p is not None and not Path(p).is_dir():
+        if p is not None:
+            _check_path(path, field, p)
+        if p is not None and not _is(p):
             raise ConfigError(path, field, f"model directory {p} does not exist")
 
 
@@ -508,6 +725,10 @@ def _load_mergekit(path: Path, data: dict) -> Recipe:
     """A mergekit config: its models must be local directories (evomerge never downloads)."""
     from .io import ModelFilesError, inspect_model
 
+    try:
+        check_sections(data)
+    except InvalidRecipe as e:
+        raise ConfigError(path, e.field, e.message) from None
     ref = model_for(data)
     if ref is None:
         raise ConfigError(path, "models", "no model named (base_model, models or slices)")

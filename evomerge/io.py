@@ -79,10 +79,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelFilesError(f"{path}: config.json is missing; a model directory in Hugging Face format is expected")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFilesError(f"{cfg_file}: not valid JSON ({e})") from e
+    config = read_config(cfg_file)
     shapes: dict[str, tuple[int, ...]] = {}
     for f in weight_files(path):
         if f.suffix == ".safetensors":
@@ -96,6 +93,40 @@ def inspect_model(path: str | Path) -> ModelInfo:
             for k, v in _load_bin(f).items():
                 shapes[k] = tuple(v.shape)
     return ModelInfo(path=path, config=config, shapes=shapes)
+
+
+MAX_CONFIG_BYTES = 1 << 20
+_POSITIVE_INTS = ("num_hidden_layers", "n_layer", "hidden_size", "n_embd", "num_attention_heads", "n_head",
+                  "intermediate_size", "vocab_size", "max_position_embeddings", "num_key_value_heads")
+
+
+def read_config(cfg_file: Path) -> dict:
+    """A model's config.json, checked for the shape and types evomerge and transformers rely on: a JSON object,
+    its layer and size counts positive integers, `architectures` a list of names, `model_type` a name."""
+    try:
+        if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelFilesError(f"{cfg_file}: larger than {MAX_CONFIG_BYTES} bytes; not a model config")
+        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelFilesError(f"{cfg_file}: not UTF-8 text (byte offset {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ModelFilesError(f"{cfg_file}: not valid JSON ({str(e)[:200]})") from None
+    except OSError as e:
+        raise ModelFilesError(f"{cfg_file}: cannot be read ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise ModelFilesError(f"{cfg_file}: expected a JSON object of fields, got a {type(config).__name__}")
+    for key in _POSITIVE_INTS:
+        v = config.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ModelFilesError(f"{cfg_file}: {key} must be a positive integer, got {str(v)[:60]!r}")
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ModelFilesError(f"{cfg_file}: architectures must be a list of class names, got {str(archs)[:60]!r}")
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise ModelFilesError(f"{cfg_file}: model_type must be a name, got {str(config['model_type'])[:60]!r}")
+    if not (archs or config.get("model_type")):
+        raise ModelFilesError(f"{cfg_file}: names no architecture (architectures or model_type)")
+    return config
 
 
 def _load_bin(f: Path) -> dict[str, torch.Tensor]:

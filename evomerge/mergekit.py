@@ -24,6 +24,44 @@ OUT_DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
 
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def check_sections(data: dict[str, Any]) -> None:
+    """Each section of a mergekit config has the type mergekit gives it, before anything reads it: a mapping where
+    mergekit has a mapping (parameters), names as strings, models and slices as lists of mappings."""
+    def need(value: Any, types: tuple[type, ...], field: str, want: str) -> None:
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise InvalidRecipe(field, f"expected {want}, got {_kind(value)}")
+
+    need(data.get("merge_method"), (str,), "merge_method", "a method name")
+    for k in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
+        need(data.get(k), (str,), k, "a string")
+    need(data.get("parameters"), (dict,), "parameters", "a mapping of parameter: value")
+    need(data.get("models"), (list,), "models", "a list of {model, parameters}")
+    for i, e in enumerate(data.get("models") or []):
+        need(e, (dict,), f"models.{i}", "a mapping {model: ..., parameters: {...}}")
+        need(e.get("model"), (str,), f"models.{i}.model", "a model directory")
+        need(e.get("parameters"), (dict,), f"models.{i}.parameters", "a mapping of parameter: value")
+    need(data.get("slices"), (list,), "slices", "a list of {sources: [...]}")
+    for i, sl in enumerate(data.get("slices") or []):
+        need(sl, (dict,), f"slices.{i}", "a mapping {sources: [...]}")
+        need(sl.get("parameters"), (dict,), f"slices.{i}.parameters", "a mapping of parameter: value")
+        need(sl.get("sources"), (list,), f"slices.{i}.sources", "a list of {model, layer_range}")
+        for j, src in enumerate(sl.get("sources") or []):
+            where = f"slices.{i}.sources.{j}"
+            need(src, (dict,), where, "a mapping {model: ..., layer_range: [start, end]}")
+            if "model" not in src:
+                raise InvalidRecipe(f"{where}.model", "required field is missing")
+            need(src.get("model"), (str,), f"{where}.model", "a model directory")
+            need(src.get("parameters"), (dict,), f"{where}.parameters", "a mapping of parameter: value")
+            lr = src.get("layer_range")
+            if lr is not None and not (isinstance(lr, list) and len(lr) == 2 and all(
+                    isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 100_000 for x in lr)):
+                raise InvalidRecipe(f"{where}.layer_range", "expected [start, end], two layer numbers")
+
+
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     """mergekit's rule for one tensor: scalar, gradient interpolated at `t`, or the first matching filter."""
     if isinstance(setting, (int, float, bool, str)) or setting is None:
@@ -39,12 +77,15 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     if isinstance(setting, list):
         for cond in setting:
             if not isinstance(cond, dict) or "value" not in cond:
-                raise ValueError(f"expected a number, a list of numbers or {{filter, value}} conditions, got {cond!r}")
+                raise ValueError(f"expected a number, a list of numbers or {{filter, value}} conditions, got "
+                                 f"{_kind(cond)}")
             f = cond.get("filter")
+            if f is not None and not isinstance(f, str):
+                raise ValueError(f"a filter is a substring of tensor names, got {_kind(f)}")
             if f is None or f == "*" or f in tensor_name:
                 return evaluate_setting(cond["value"], tensor_name, t)
         return None
-    raise ValueError(f"expected a number, a list of numbers or {{filter, value}} conditions, got {setting!r}")
+    raise ValueError(f"expected a number, a list of numbers or {{filter, value}} conditions, got {_kind(setting)}")
 
 
 def _t(group: str, num_layers: int) -> float:
@@ -82,7 +123,8 @@ def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p) ->
     `resolve` maps a model reference in the file to the path the Recipe should hold.  Raises `InvalidRecipe` naming
     the offending field.
     """
-    unknown = sorted(set(data) - TOP_KEYS)
+    unknown = sorted(map(str, set(data) - TOP_KEYS))
+    check_sections(data)
     if unknown:
         raise InvalidRecipe(unknown[0], f"not a mergekit field evomerge understands; known: {', '.join(sorted(TOP_KEYS))}")
     method = data.get("merge_method")
@@ -138,6 +180,9 @@ def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p) ->
                 continue
             if any(v is None for v in row):
                 raise InvalidRecipe(f"parameters.{p}", f"set for some parents but not all in group {g!r}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
+                bad = next(v for v in row if not isinstance(v, (int, float)) or isinstance(v, bool))
+                raise InvalidRecipe(f"parameters.{p}", f"expected a number, got {_kind(bad)}")
             values[p] = [float(v) for v in row]
         if method == "passthrough":
             values["weight"] = _passthrough_weights(layer_params, parents, g, base)

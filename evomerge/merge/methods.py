@@ -379,7 +379,9 @@ def validate(method_name: str, base: str | None, parents: list[str], groups: dic
         if k not in m.options:
             raise InvalidRecipe(f"options.{k}", f"not an option of {m.name}; allowed: {', '.join(m.options) or 'none'}")
         if not isinstance(v, _OPTION_TYPES[k]) or (k == "lambda" and isinstance(v, bool)):
-            raise InvalidRecipe(f"options.{k}", f"expected {_OPTION_TYPES[k]}, got {v!r}")
+            raise InvalidRecipe(f"options.{k}", f"expected {_OPTION_TYPES[k]}, got {type(v).__name__}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidRecipe(f"options.{k}", "must be finite (not NaN or infinity)")
         if k == "rescale_mode" and v not in RESCALE_MODES:
             raise InvalidRecipe(f"options.{k}", f"{v!r} is not one of {', '.join(RESCALE_MODES)}")
     normalize = {**m.options, **options}.get("normalize", False)
@@ -394,7 +396,8 @@ def _validate_group(m: MergeMethod, where: str, values: dict[str, list[float]], 
             raise InvalidRecipe(f"{where}.{p}", f"not a parameter of {m.name}; allowed: "
                                                 f"{', '.join(m.tensor_params) or 'none'}")
         if not isinstance(vs, list) or len(vs) != n or not all(isinstance(v, (int, float)) for v in vs):
-            raise InvalidRecipe(f"{where}.{p}", f"expected a list of {n} numbers (one per parent), got {vs!r}")
+            raise InvalidRecipe(f"{where}.{p}", f"expected a list of {n} numbers (one per parent), got "
+                                                f"{str(vs)[:80]!r}")
         if not all(math.isfinite(v) for v in vs):
             raise InvalidRecipe(f"{where}.{p}", "values must be finite")
     for p, default in m.tensor_params.items():
