@@ -22,11 +22,43 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+class _Guarded(typer.core.TyperGroup):
+    """Whatever escapes a command unexpectedly is one line, `error: ...` and what to do, exit 2 for bad input or the
+    environment (ValueError, OSError) and 1 for anything else; the traceback only with --debug."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors and exits, already worded
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if ctx.params.get("debug") or os.environ.get("EVOMERGE_DEBUG"):
+                raise
+            code = 2 if isinstance(e, (ValueError, OSError)) else 1
+            from .config import shorten
+
+            err.print(Text.assemble(("error: ", "bold red"), shorten(f"{type(e).__name__}: {e}", 600)),
+                      highlight=False)
+            err.print("this was not expected: re-run with `evomerge --debug ...` for the traceback, and please report "
+                      "it with the command and that traceback", highlight=False)
+            raise typer.Exit(code) from None
+
+
 # no locals in tracebacks: they would print storage URLs, passwords included
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
+app = typer.Typer(cls=_Guarded, add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
                   pretty_exceptions_show_locals=False)
-out = Console()
-err = Console(stderr=True)
+# not a terminal (a log file, a pipe, CI): lines as long as they are, never wrapped mid-message
+out = Console(soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error")) -> None:
+    """Evolutionary merge-recipe optimizer for LLMs."""
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -36,22 +68,22 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .executors import ExecutorError
     from .io import ModelFilesError
     from .merge import RecipeMismatch
-    from .study import StorageError, StudyMismatch
+    from .study import StorageError, StudyBusy, StudyMismatch
 
     return (ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError, StorageError,
-            ExecutorError)
+            ExecutorError, StudyBusy)
 
 
 def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str] = None) -> None:
     """Print a user error and exit 2; errors found past the study file get its name and field in front."""
     from .fitness import FitnessError
     from .merge import RecipeMismatch
-    from .study import StorageError, StudyMismatch
+    from .study import StorageError, StudyBusy, StudyMismatch
 
     msg = str(e)
     if isinstance(e, StorageError):
         msg = f"{'--storage' if storage else f'{study_file}: storage'}: {msg}"
-    elif isinstance(e, (FitnessError, StudyMismatch, RecipeMismatch)) and study_file:
+    elif isinstance(e, (FitnessError, StudyMismatch, RecipeMismatch, StudyBusy)) and study_file:
         msg = f"{study_file}: {msg}"
     err.print(Text.assemble(("error: ", "bold red"), msg), highlight=False, soft_wrap=True)  # msg is not markup
     raise typer.Exit(2)
@@ -92,63 +124,73 @@ def run(
     check: bool = typer.Option(False, "--check", help="validate the study file offline (no download, no DB) and exit"),
 ) -> None:
     """Run (or resume) a study until its budget of trials is reached, then print the test-split table."""
-    from .config import safe_url
-    from .study import Study, trial_value
+    from .study import Study
 
     if check:
         _check(study_file)
         return
     cfg = _load(study_file)
+    total = budget or cfg.budget
     study = None
+    done = 0
     try:  # whatever ends the run (done, a bad input, Ctrl-C), the executor's workers are shut down
         try:
             study = Study(cfg, storage)
-            out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
-            method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
-            out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
-            if cfg.executor.name == "ray":
-                address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
-                out.print(f"executor ray at {address}")
-            study.executor.start()  # loads parents and tasks: every input error surfaces before the DB is touched
-            study.check_compatible()
+            with study.exclusive():  # a second runner on a SQLite study is refused here, before loading anything
+                done = _run(study, cfg, total, storage, study_file)
         except _user_errors() as e:
             _fail(e, study_file, storage)
-        total = budget or cfg.budget
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn()]
-        with Progress(*columns, console=out, transient=False) as bar:
-            task = bar.add_task("trials", total=total, best="-")
-
-            def on_trial(p) -> None:
-                bar.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}")
-
-            try:
-                st = study.run(total, on_trial=on_trial)
-            except _user_errors() as e:
-                _fail(e, study_file, storage)
-            finished = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
-            best = study.best_trial()
-            bar.update(task, completed=min(finished, total), best=_fmt(trial_value(best) if best else None))
-        _print_table(study.final_table())
-        _print_final_eval(study.final_eval())
+    except KeyboardInterrupt:
+        done = study.finished() if study is not None else done
+        err.print(f"interrupted at {done}/{total} trials; re-run the same command to resume", highlight=False)
+        raise typer.Exit(130) from None
     finally:
         if study is not None:
             study.executor.close()
+
+
+def _run(study, cfg, total: int, storage: Optional[str], study_file: Path) -> int:
+    """Start the workers, run the study to `total` trials with a progress bar, print the final tables."""
+    from .config import safe_url
+    from .study import trial_value
+
+    out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
+    method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
+    out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
+    if cfg.executor.name == "ray":
+        address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+        out.print(f"executor ray at {address}")
+    study.executor.start()  # loads parents and tasks: every input error surfaces before the DB is touched
+    study.check_compatible()
+    done = study.finished()
+    if done:
+        out.print(f"resuming study {cfg.study}: {done} of {total} trials done")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=out, transient=False) as bar:
+        task = bar.add_task("trials", total=total, completed=min(done, total), best="-")
+
+        def on_trial(p) -> None:
+            bar.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}")
+
+        st = study.run(total, on_trial=on_trial)
+        done = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
+        best = study.best_trial()
+        bar.update(task, completed=min(done, total), best=_fmt(trial_value(best) if best else None))
+    _print_table(study.final_table())
+    _print_final_eval(study.final_eval())
+    return done
 
 
 def _check(study_file: Path) -> None:
     """Everything that can be checked without downloading models or data, and a list of what was not."""
     from .config import load_study
     from .fitness import FitnessError, check_tasks
-    from .io import check_compatible, inspect_model
 
     try:
-        cfg = load_study(study_file, download=False)
+        cfg = load_study(study_file, download=False)  # local models: headers, tokenizer and shapes checked
         models = [m for m in [cfg.models.base, *cfg.models.parents] if m]
         local = [m for m in models if Path(m).is_dir()]
-        if len(local) == len(models):
-            check_compatible([inspect_model(m) for m in local])
         notes = check_tasks(cfg.fitness)
     except FitnessError as e:
         _fail(ValueError(f"{study_file}: {e}"))
@@ -201,6 +243,8 @@ def status(
               f"(dimension {s['dimension']})")
     if s["best"]:
         out.print(f"best trial {s['best']['trial']}: {s['best']['value']:.4f} {s['best']['scores']}")
+        if s["best"]["recipe"]:
+            out.print(_compact_recipe(s["best"]["recipe"]), highlight=False, markup=False)
     for e in s["errors"][:5]:
         out.print(f"[yellow]trial {e['trial']} failed:[/] {e['error']}")
     if s["examples"]:
@@ -211,6 +255,29 @@ def status(
         _print_table(s["final_table"])
     if s["final_eval"]:
         _print_final_eval(s["final_eval"])
+
+
+def _compact_recipe(r: dict, groups_shown: int = 8) -> str:
+    """A recipe in a few lines: method and models by name, then per group its values (one per parent), or the
+    layer path; `evomerge export` writes it whole."""
+    names = ", ".join(Path(p).name for p in r["parents"])
+    lines = [f"best recipe: {r['method']} of {names}" + (f" on base {Path(r['base']).name}" if r.get("base") else "")
+             + (f", options {r['options']}" if r.get("options") else "")]
+    if r.get("path"):
+        path = r["path"]
+        if path.get("a"):
+            lines.append("  model 0 (A): " + _compact_recipe(path["a"], groups_shown).split("\n")[0].removeprefix(
+                "best recipe: "))
+        scales = path.get("scales") or [1.0] * len(path["layers"])
+        lines.append("  path [model:layer×scale]: " + " ".join(
+            f"{m}:{layer}×{sc:.2f}" for (m, layer), sc in zip(path["layers"], scales)))
+        return "\n".join(lines)
+    items = list(r["groups"].items())
+    for g, values in items[:groups_shown]:
+        lines.append(f"  {g}: " + ", ".join(f"{k} " + " ".join(f"{v:.3f}" for v in vs) for k, vs in values.items()))
+    if len(items) > groups_shown:
+        lines.append(f"  ... {len(items) - groups_shown} more groups (evomerge export -o FILE writes them all)")
+    return "\n".join(lines)
 
 
 def _print_pareto(front: list[dict]) -> None:
@@ -329,7 +396,7 @@ def _save_mergekit(recipe, output: Path) -> None:
 def merge(
     recipe_file: Path = typer.Argument(..., help="recipe YAML: evomerge's (from `evomerge export`) or a mergekit config"),
     out_dir: Path = typer.Argument(..., help="output model directory"),
-    device: str = typer.Option("auto", help="cpu, cuda, or auto"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     shard_size: float = typer.Option(2.0, "--shard-size", min=0.001, help="largest safetensors shard, in GB"),
 ) -> None:
     """Stream a recipe into a Hugging Face model directory: safetensors shards + index, config, tokenizer, model card.
@@ -337,11 +404,15 @@ def merge(
     Tensors are merged one at a time from the parents' (sharded) safetensors, so memory stays at a few tensors per
     parent whatever the model size.
     """
-    from .config import load_recipe
+    from .config import check_device, load_recipe
     from .dataflow import write_path_model
     from .io import pick_device
     from .merge import write_model
 
+    try:
+        check_device(device)
+    except ValueError as e:
+        _fail(ValueError(f"--device: {e}"))
     try:
         recipe = load_recipe(recipe_file)
         if recipe.path is not None:

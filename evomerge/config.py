@@ -515,7 +515,8 @@ def _check_models(path: Path, cfg: StudyConfig) -> None:
                                            "candidates are scored with this model's tokenizer; copy it in")
     by_path = {str(p): f for f, p in local}
     try:
-        check_compatible(infos)
+        if infos:
+            check_compatible(infos)
     except ModelFilesError as e:
         field = next((f for p, f in by_path.items() if str(e).startswith(p + ":")), "models")
         raise ConfigError(path, field, str(e)) from None

@@ -110,10 +110,74 @@ def task_manager(config: FitnessConfig):
     unknown = [t.task for t in config.tasks if t.source == "lm-eval" and t.task not in manager.all_tasks]
     if unknown:
         raise FitnessError(
-            f"fitness.tasks: lm-eval does not know task {unknown[0]!r}; "
-            f"tasks under fitness.include_path: {', '.join(sorted(local)) or 'none'}"
+            f"fitness.tasks: lm-eval does not know task {unknown[0][:200]!r}; "
+            f"tasks under fitness.include_path: {', '.join(sorted(local)) or 'none'}{_unreadable(config.include_path)}"
         )
     return manager
+
+
+def _unreadable(folders: list[str]) -> str:
+    """Task YAMLs lm-eval skipped without a word (not UTF-8, too large), for the message that a task is unknown."""
+    from .config import MAX_FILE_BYTES
+
+    bad = []
+    for folder in folders:
+        for f in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                if f.stat().st_size > MAX_FILE_BYTES:
+                    bad.append(f"{f}: larger than {MAX_FILE_BYTES} bytes")
+                else:
+                    f.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append(f"{f}: not UTF-8 text (byte offset {e.start})")
+            except OSError as e:
+                bad.append(f"{f}: {e.strerror}")
+    return f" (lm-eval skipped {len(bad)} unreadable task file(s): {'; '.join(bad[:3])})" if bad else ""
+
+
+def check_metrics(config: FitnessConfig, manager) -> None:
+    """Each task's metric is one its task YAML declares: found now, not when the first trial has run."""
+    for i, t in enumerate(config.tasks):
+        if t.source != "lm-eval":
+            continue
+        leaves = _leaf_configs(manager, t.task)
+        for leaf, cfg, _ in leaves:
+            declared = [m.get("metric") for m in cfg.get("metric_list") or [] if isinstance(m, dict)]
+            if declared and t.metric not in declared and len(leaves) == 1:
+                raise FitnessError(f"fitness.tasks.{i}.metric: task {leaf!r} declares metrics "
+                                   f"{', '.join(map(str, declared))}, not {t.metric[:100]!r}")
+
+
+def _data_files(cfg: dict) -> list[str]:
+    """The local file names under a task YAML's `dataset_kwargs.data_files` (a name, a list, or split: name(s))."""
+    kwargs = cfg.get("dataset_kwargs")
+    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+    if isinstance(files, dict):
+        files = list(files.values())
+    names = []
+    for f in [files] if isinstance(files, str) else files if isinstance(files, list) else []:
+        names += [f] if isinstance(f, str) else [x for x in f if isinstance(x, str)] if isinstance(f, list) else []
+    return [n for n in names if "://" not in n and not any(ch in n for ch in "*?[")]  # remote and globs: datasets'
+
+
+def check_data_files(config: FitnessConfig, manager) -> list[str]:
+    """Local data files a task YAML names (`dataset_kwargs.data_files`, relative to the YAML's folder or the working
+    directory) must exist: a missing one would fail every trial.  Returns the files checked."""
+    checked = []
+    for i, t in enumerate(config.tasks):
+        if t.source != "lm-eval":
+            continue
+        for leaf, cfg, _ in _leaf_configs(manager, t.task):
+            yaml_path = manager.task_index[leaf].yaml_path
+            here = Path(yaml_path).parent if yaml_path else Path.cwd()
+            for name in _data_files(cfg):
+                found = next((p for p in (here / name, Path(name)) if p.is_file()), None)
+                if found is None:
+                    raise FitnessError(
+                        f"fitness.tasks.{i}: task {leaf!r} reads data file {str(here / name)[:300]}, which does not "
+                        f"exist (named in {yaml_path} under dataset_kwargs.data_files)")
+                checked.append(str(found))
+    return checked
 
 
 def _leaf_configs(manager, name: str, depth: int = 0) -> list[tuple[str, dict, bool]]:
@@ -208,6 +272,8 @@ class Fitness:
         self.manager = task_manager(config) if self.lm_tasks else None
         if self.manager is not None:
             check_contamination(config, self.manager)
+            check_metrics(config, self.manager)
+            check_data_files(config, self.manager)
         self.callables = {t.task: _import_callable(t) for t in config.tasks if t.source == "callable"}
         self._tasks: dict[str, dict] = {}
         self._order: dict[str, list[int]] | None = None
@@ -518,7 +584,10 @@ def check_tasks(config: FitnessConfig) -> list[str]:
     manager = task_manager(config) if any(t.source == "lm-eval" for t in config.tasks) else None
     if manager is not None:
         check_contamination(config, manager)
-    for i, t in enumerate(config.tasks):
+        check_metrics(config, manager)
+        for f in check_data_files(config, manager):
+            notes.append(f"data file {f}: exists")
+    for t in config.tasks:
         if t.source == "callable":
             _import_callable(t)
             notes.append(f"task {t.task}: callable {t.function} imports")
@@ -526,11 +595,6 @@ def check_tasks(config: FitnessConfig) -> list[str]:
             notes.append(f"task {t.task}: perplexity text files exist")
         else:
             leaves = _leaf_configs(manager, t.task)
-            for leaf, cfg, _ in leaves:
-                declared = [m.get("metric") for m in cfg.get("metric_list", []) if isinstance(m, dict)]
-                if declared and t.metric not in declared and len(leaves) == 1:
-                    raise FitnessError(f"fitness.tasks.{i}.metric: task {leaf!r} declares metrics "
-                                       f"{', '.join(map(str, declared))}, not {t.metric!r}")
             datasets = sorted({str(c.get("dataset_path") or "custom_dataset") for _, c, _ in leaves})
             notes.append(f"task {t.task}: known to lm-eval ({len(leaves)} task(s), dataset {', '.join(datasets)}); "
                          f"splits {t.search_split!r}/{t.test_split!r} not checked (the data is not downloaded)")

@@ -7,6 +7,7 @@ crash re-evaluates only what did not finish: a stale RUNNING trial is taken over
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import math
@@ -117,6 +118,10 @@ class StorageError(ValueError):
     """The study DB cannot be reached or opened."""
 
 
+class StudyBusy(ValueError):
+    """Another runner holds this SQLite study DB."""
+
+
 def _storage_error(url: str, e: Exception) -> StorageError:
     """What failed and what to check, with the URL's password masked (also where the driver's message echoes it)."""
     reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
@@ -140,7 +145,8 @@ class Study:
     candidates are WAITING trials that a runner claims atomically (WAITING -> RUNNING), one runner at a time
     advances the optimizer under a database lock, and a runner that dies is noticed by its silent heartbeat: its
     RUNNING trials go back to WAITING and are evaluated by someone else, once.  SQLite is for one runner at a time:
-    its RUNNING trials at start-up belong to a dead run and are taken over at once.
+    its RUNNING trials at start-up belong to a dead run and are taken over at once, which `exclusive` makes safe: an
+    OS lock on a sidecar file (``<db>.lock``) that a second runner finds taken, and that dies with its holder.
     """
 
     def __init__(self, cfg: StudyConfig, storage: str | None = None, executor: Executor | None = None):
@@ -150,6 +156,7 @@ class Study:
         self.executor = executor or make_executor(cfg)
         self.runner = f"{socket.gethostname()}:{os.getpid()}"
         self._upsert = None  # built on first use, for this storage's dialect
+        self._lock: int | None = None  # the sidecar's file descriptor while this object runs a SQLite study
         self._optuna: optuna.Study | None = None
         self._storage: RDBStorage | None = None
         self._new_optimizer()  # an optimizer that cannot work on this space is a config error, raised before any write
@@ -183,6 +190,47 @@ class Study:
             except sqlalchemy.exc.SQLAlchemyError as e:
                 raise _storage_error(self.storage_url, e) from None
         return self._storage
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the SQLite study DB for this runner, or raise `StudyBusy` at once naming the holder; re-entrant.
+
+        `fcntl.flock` on ``<db>.lock``: the kernel releases it when the holder exits however it exits (SIGKILL
+        included), so no stale lock is ever left to clean up.  The file itself stays, naming the last holder.  Shared
+        storages (PostgreSQL) need no lock: their runners cooperate through the DB."""
+        db = make_url(self.storage_url).database
+        if self.shared or self._lock is not None or not db or db == ":memory:":
+            yield
+            return
+        lock = f"{db}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot create the runner lock {lock} ({e.strerror}); the study DB's folder must "
+                               "exist and be writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StudyBusy(f"the study DB {db} is in use by {holder}: SQLite takes one runner per study. Wait for it "
+                            "(or stop it: re-running resumes), or keep the study in PostgreSQL "
+                            "(storage: postgresql://...) to run several runners on it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        self._lock = fd
+        try:
+            yield
+        finally:
+            self._lock = None
+            os.close(fd)
+
+    def finished(self) -> int:
+        """Trials finished (COMPLETE or FAIL) so far; 0 for a study not yet in the storage."""
+        if not self.exists():
+            return 0
+        return sum(t.state.is_finished() for t in self.optuna.get_trials(deepcopy=False))
 
     def exists(self) -> bool:
         """Whether the study is in the storage; never creates a SQLite file just to find out."""
@@ -280,7 +328,10 @@ class Study:
     def run(self, budget: int | None = None, on_trial: Callable[[Progress], None] | None = None) -> optuna.Study:
         """Evaluate candidates until `budget` trials have finished (COMPLETE or FAIL); safe to call again, and
         safe to call from several processes at once on a shared storage."""
-        budget = budget or self.cfg.budget
+        with self.exclusive():
+            return self._run(budget or self.cfg.budget, on_trial)
+
+    def _run(self, budget: int, on_trial: Callable[[Progress], None] | None) -> optuna.Study:
         st = self._open_or_create()
         if not self.shared:
             for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

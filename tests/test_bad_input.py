@@ -138,7 +138,7 @@ def test_a_bad_study_file_exits_2_naming_file_and_field_and_leaves_the_db_unchan
         assert text in message, f"{text!r} not in {message!r}"
     assert SECRET not in r.output
     assert digest(db) == before
-    assert {p.name for p in existing.parent.glob("tiny-ps.db*")} <= {"tiny-ps.db", "tiny-ps.db-wal", "tiny-ps.db-shm"}
+    assert {p.name for p in existing.parent.glob("tiny-ps.db*")} <= {"tiny-ps.db", "tiny-ps.db-wal", "tiny-ps.db-shm", "tiny-ps.db.lock"}
 
 
 def test_python_tags_in_a_study_file_exit_2_and_run_nothing(existing, tmp_path):
