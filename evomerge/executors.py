@@ -128,10 +128,16 @@ class Executor(abc.ABC):
         """Release the workers."""
 
 
+def cores_available() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class LocalExecutor(Executor):
     """In-process, one candidate at a time: the default, and the reference the Ray executor must match."""
 
     name = "local"
+    workers = 1
 
     def __init__(self, cfg: StudyConfig):
         self.cfg = cfg
@@ -139,8 +145,14 @@ class LocalExecutor(Executor):
         self._queue: list[tuple[Hashable, Recipe, str, dict]] = []
 
     @property
+    def threads(self) -> int:
+        """torch/OpenMP threads of the worker: `executor.threads`, else the available cores over the workers."""
+        return self.cfg.executor.threads or max(1, cores_available() // self.workers)
+
+    @property
     def worker(self) -> Worker:
         if self._worker is None:
+            torch.set_num_threads(self.threads)
             self._worker = Worker(self.cfg)
         return self._worker
 
@@ -163,9 +175,8 @@ class LocalExecutor(Executor):
 class _Actor:
     """The body of one Ray actor: a Worker held for the actor's life, its threads pinned as configured."""
 
-    def __init__(self, cfg: StudyConfig, threads: int | None):
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, cfg: StudyConfig, threads: int):
+        torch.set_num_threads(threads)
         self.error: Exception | None = None
         self.worker: Worker | None = None
         try:
@@ -231,9 +242,10 @@ class RayExecutor(Executor):
         address = self.ec.address or os.environ.get("RAY_ADDRESS")
         if address not in (None, "auto"):
             _check_reachable(address)
-        env = {"OMP_NUM_THREADS": str(self.ec.threads_per_actor)} if self.ec.threads_per_actor else {}
+        env = {"OMP_NUM_THREADS": str(self._threads())}
         env.update({k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TQDM_DISABLE",
-                                               "TOKENIZERS_PARALLELISM", "PYTHONPATH") if k in os.environ})
+                                               "TOKENIZERS_PARALLELISM", "PYTHONPATH", "OMP_WAIT_POLICY")
+                    if k in os.environ})
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
@@ -263,8 +275,13 @@ class RayExecutor(Executor):
             )
         return actors, {"num_gpus": gpus, "num_cpus": cpus}
 
+    def _threads(self) -> int:
+        """An actor's torch/OpenMP threads: `threads_per_actor`, else its CPU reservation (at least one), so actors
+        sharing a node never oversubscribe it."""
+        return self.ec.threads_per_actor or max(1, int(self.ec.num_cpus_per_actor))
+
     def _new_actor(self) -> Any:
-        return self._actor_class.remote(self.cfg, self.ec.threads_per_actor)
+        return self._actor_class.remote(self.cfg, self._threads())
 
     def start(self) -> None:
         if self.slots:

@@ -246,6 +246,16 @@ def write_sharded(out_dir: Path, entries: Iterable[tuple[str, tuple[int, ...], t
     return written
 
 
+_HUB_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+
+
+def model_name(path: str | Path) -> str:
+    """How a model is named where others will read it (a model card): its Hub id `org/name` when it is a Hub
+    snapshot (how evomerge fetches a model a study names by id), else its directory's name: never a local path."""
+    m = _HUB_SNAPSHOT.search(str(path))
+    return f"{m.group(1)}/{m.group(2)}" if m else Path(path).name
+
+
 def model_license(path: str | Path) -> str | None:
     """The license a model states: its card's YAML front matter (``license:``), else its config.json."""
     path = Path(path)

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from evomerge import __version__
 from evomerge.io import load_state_dict, write_sharded
 from evomerge.merge import Materializer, write_model
+from evomerge.merge.materialize import model_card
 from evomerge.recipe import Recipe
 
 GROUPS = ["embed", "layers.0", "layers.1", "layers.2", "layers.3", "head"]
@@ -69,6 +70,7 @@ def test_output_directory_has_shards_index_config_tokenizer_and_model_card(tmp_p
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == ["base", "up", "rot"] and "license" not in front  # licenses differ
     assert "| base | `base`" in card and "apache-2.0" in card and "| mit |" in card and "not stated" in card
+    assert str(licensed_zoo) not in card.split("## Recipe")[0]  # parents by name, never by local path
     assert f"evomerge {__version__}" in card and "method: task_arithmetic" in card
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
@@ -142,3 +144,15 @@ def test_merge_cli_refuses_a_bad_recipe_before_writing_anything(tmp_path, tiny, 
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "groups.embed.density" in proc.stderr and "(0, 1]" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_card_names_hub_parents_by_id_and_local_ones_by_folder_name(tmp_path, tiny):
+    snapshot = tmp_path / "hub" / "models--acme--tiny-up" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny / "up", snapshot)
+    recipe = Recipe("task_arithmetic", [str(snapshot), str(tiny / "rot")],
+                    {g: {"weight": [0.5, 0.5]} for g in GROUPS}, str(tiny / "base"))
+    card = model_card(recipe, tmp_path / "merged")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == ["base", "acme/tiny-up", "rot"]
+    assert "| parent | `acme/tiny-up` |" in card and "| parent | `rot` |" in card
+    assert str(tmp_path) not in card and str(tiny) not in card

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import __version__
 from ..io import (TensorReader, check_compatible, group_order, inspect_model, load_state_dict, model_license,
-                  tensor_group, write_sharded)
+                  model_name, tensor_group, write_sharded)
 from ..recipe import Recipe
 from .methods import (InvalidRecipe, MergeMethod, apply, magnitude_ranks, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
@@ -228,10 +228,10 @@ def model_card(recipe: Recipe, out: Path) -> str:
     licenses = {p: model_license(p) for _, p in rows}
     stated = {v for v in licenses.values() if v}
     front = {"library_name": "transformers", "tags": ["merge", "evomerge", recipe.method],
-             "base_model": [Path(p).name for _, p in rows]}
+             "base_model": [model_name(p) for _, p in rows]}
     if len(stated) == 1 and all(licenses.values()):
         front["license"] = stated.pop()
-    table = "\n".join(f"| {role} | `{Path(p).name}` ({p}) | {licenses[p] or 'not stated'} |" for role, p in rows)
+    table = "\n".join(f"| {role} | `{model_name(p)}` | {licenses[p] or 'not stated'} |" for role, p in rows)
     recipe_yaml = yaml.safe_dump(recipe.with_paths_relative_to(out.resolve()).to_dict(), sort_keys=False,
                                  default_flow_style=None)
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {out.name}\n\n"
