@@ -649,7 +649,7 @@ class RecipeFile(_Strict):
     groups: dict[str, dict[str, list[float]]]
     options: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     path: PathFile | None = None
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ and are refused here.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .io import ModelInfo, tensor_group
@@ -183,6 +184,8 @@ def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p) ->
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
                 bad = next(v for v in row if not isinstance(v, (int, float)) or isinstance(v, bool))
                 raise InvalidRecipe(f"parameters.{p}", f"expected a number, got {_kind(bad)}")
+            if not all(math.isfinite(v) for v in row):
+                raise InvalidRecipe(f"parameters.{p}", "must be finite (not NaN or infinity)")
             values[p] = [float(v) for v in row]
         if method == "passthrough":
             values["weight"] = _passthrough_weights(layer_params, parents, g, base)
