@@ -59,12 +59,17 @@ def history(study_file: Path) -> list[tuple]:
     return sorted(rows, key=lambda r: (r[0], r[1]))
 
 
-def test_a_study_killed_at_ten_random_points_resumes_into_the_uninterrupted_study(tmp_path, evomerge_cmd, executor):
-    (tmp_path / "reference").mkdir()
-    (tmp_path / "killed").mkdir()
-    reference = small_study(tmp_path / "reference")
-    Study(load_study(reference), executor=executor).run(BUDGET)  # uninterrupted, in this process
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, executor) -> list[tuple]:
+    """The history of the small study run start to end in this process: what every resumed run must reproduce."""
+    reference = small_study(tmp_path_factory.mktemp("reference"))
+    Study(load_study(reference), executor=executor).run(BUDGET)
+    return history(reference)
 
+
+def test_a_study_killed_at_ten_random_points_resumes_into_the_uninterrupted_study(tmp_path, evomerge_cmd,
+                                                                                  uninterrupted):
+    (tmp_path / "killed").mkdir()
     killed = small_study(tmp_path / "killed")
     db = killed.parent / "tiny-ps.db"
     rng = random.Random(20240607)
@@ -85,12 +90,72 @@ def test_a_study_killed_at_ten_random_points_resumes_into_the_uninterrupted_stud
     r = run(evomerge_cmd, "run", killed)
     assert r.returncode == 0, r.stderr
 
-    resumed, uninterrupted = history(killed), history(reference)
+    resumed = history(killed)
     assert len(uninterrupted) == BUDGET
     assert [row[:2] for row in resumed] == [(g, i) for g in range(4) for i in range(4)]
     assert resumed == uninterrupted
     with sqlite3.connect(db) as c:
         assert c.execute("select count(*) from trials").fetchone()[0] == BUDGET, "a killed trial was duplicated"
+
+
+def test_ctrl_c_stops_in_one_line_and_the_rerun_says_it_resumes_into_the_uninterrupted_study(tmp_path, evomerge_cmd,
+                                                                                           uninterrupted):
+    study = small_study(tmp_path)
+    db = tmp_path / "tiny-ps.db"
+    proc = subprocess.Popen([*evomerge_cmd, "run", str(study)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while finished(db) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    done = finished(db)
+    assert f"interrupted at {done}/{BUDGET} trials; re-run the same command to resume" in stderr
+    assert "Traceback" not in stderr + stdout and 0 < done < BUDGET
+
+    r = run(evomerge_cmd, "run", study)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming study tiny-ps: {done} of {BUDGET} trials done" in r.stdout
+    assert history(study) == uninterrupted
+
+
+def test_a_second_runner_on_one_sqlite_study_is_refused_at_once_and_a_killed_runner_leaves_no_lock(tmp_path,
+                                                                                                 evomerge_cmd):
+    study = small_study(tmp_path)
+    db = tmp_path / "tiny-ps.db"
+    first = subprocess.Popen([*evomerge_cmd, "run", str(study), "--budget", "1000"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while finished(db) < 2 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = subprocess.Popen([*evomerge_cmd, "run", str(study)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        _, stderr = second.communicate(timeout=120)
+        assert first.poll() is None, "the first runner should still be running"
+        assert second.returncode == 2, stderr
+        assert f"in use by pid {first.pid} on " in stderr and "PostgreSQL" in stderr and "Traceback" not in stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    budget = finished(db) + 4  # the killed runner's trial in flight, and the rest of its generation
+    rerun = subprocess.Popen([*evomerge_cmd, "run", str(study), "--budget", str(budget)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr  # the dead runner's lock died with it
+    assert "evolved best" in stdout
+    with sqlite3.connect(db) as c:
+        rows = c.execute("select t.state, a.value_json from trials t join trial_user_attributes a "
+                         "on a.trial_id = t.trial_id and a.key = 'evomerge.runner'").fetchall()
+        placed = c.execute("select count(distinct g.value_json || '/' || i.value_json) from trial_user_attributes g "
+                           "join trial_user_attributes i on g.trial_id = i.trial_id and g.key = 'evomerge.generation' "
+                           "and i.key = 'evomerge.index'").fetchone()[0]
+        assert placed == c.execute("select count(*) from trials").fetchone()[0], "a candidate was enqueued twice"
+    assert sum(state in ("COMPLETE", "FAIL") for state, _ in rows) == budget
+    runners = {json.loads(v).rsplit(":", 1)[1] for _, v in rows}
+    assert runners <= {str(first.pid), str(rerun.pid)} and str(second.pid) not in runners
 
 
 # ------------------------------------------------------------------------------------------ candidate failures
