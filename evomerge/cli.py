@@ -132,16 +132,15 @@ def run(
     cfg = _load(study_file)
     total = budget or cfg.budget
     study = None
-    done = 0
     try:  # whatever ends the run (done, a bad input, Ctrl-C), the executor's workers are shut down
         try:
             study = Study(cfg, storage)
             with study.exclusive():  # a second runner on a SQLite study is refused here, before loading anything
-                done = _run(study, cfg, total, storage, study_file)
+                _run(study, total)
         except _user_errors() as e:
             _fail(e, study_file, storage)
     except KeyboardInterrupt:
-        done = study.finished() if study is not None else done
+        done = study.finished() if study is not None else 0
         err.print(f"interrupted at {done}/{total} trials; re-run the same command to resume", highlight=False)
         raise typer.Exit(130) from None
     finally:
@@ -149,11 +148,12 @@ def run(
             study.executor.close()
 
 
-def _run(study, cfg, total: int, storage: Optional[str], study_file: Path) -> int:
+def _run(study, total: int) -> None:
     """Start the workers, run the study to `total` trials with a progress bar, print the final tables."""
     from .config import safe_url
     from .study import trial_value
 
+    cfg = study.cfg
     out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
     method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
     out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
@@ -179,7 +179,6 @@ def _run(study, cfg, total: int, storage: Optional[str], study_file: Path) -> in
         bar.update(task, completed=min(done, total), best=_fmt(trial_value(best) if best else None))
     _print_table(study.final_table())
     _print_final_eval(study.final_eval())
-    return done
 
 
 def _check(study_file: Path) -> None:
