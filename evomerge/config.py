@@ -496,7 +496,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 def _check_models(path: Path, cfg: StudyConfig) -> None:
     """Every local model directory read as far as its headers (config.json, safetensors headers), before anything
-    is written or loaded; errors name the study field.  The tokenizer comes from the base (else the first parent)."""
+    is written or loaded; errors name the study field.  The tokenizer comes from the base (else the first parent);
+    a parameter-space merge needs identical tensor shapes."""
     from .io import ModelFilesError, check_compatible, inspect_model
 
     fields = ([("models.base", cfg.models.base)] if cfg.models.base else []) + [
@@ -513,6 +514,8 @@ def _check_models(path: Path, cfg: StudyConfig) -> None:
         if not any((Path(p) / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(path, field, f"{p} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): the "
                                            "candidates are scored with this model's tokenizer; copy it in")
+    if cfg.search_space.kind != "ps":
+        return  # a layer path may join models of different depths: build_space checks what its stream needs
     by_path = {str(p): f for f, p in local}
     try:
         if infos:
