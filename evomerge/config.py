@@ -718,11 +718,19 @@ def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list
 
 
 def _check_dirs(path: Path, fields: list[tuple[str, str | None]]) -> None:
+    """Each model directory exists and its config.json and weight headers read; errors name the recipe's field."""
+    from .io import ModelFilesError, inspect_model
+
     for field, p in fields:
-        if p is not None:
-            _check_path(path, field, p)
-        if p is not None and not _is(p):
+        if p is None:
+            continue
+        _check_path(path, field, p)
+        if not _is(p):
             raise ConfigError(path, field, f"model directory {p} does not exist")
+        try:
+            inspect_model(p)
+        except ModelFilesError as e:
+            raise ConfigError(path, field, str(e)) from None
 
 
 def _load_mergekit(path: Path, data: dict) -> Recipe:

@@ -492,3 +492,13 @@ def test_hardening_an_unexpected_error_is_one_line_with_a_hint_and_debug_shows_t
     assert "error: KeyError: 'an internal slip'" in r.stderr and "--debug" in r.stderr and "report" in r.stderr
     r = CliRunner().invoke(app, ["--debug", "status", str(existing)])
     assert isinstance(r.exception, KeyError)
+
+
+def test_hardening_a_recipe_parent_with_a_broken_config_is_named_by_its_recipe_field(existing, tmp_path):
+    data = yaml.safe_load((existing.parent / "best.yaml").read_text())
+    case = tmp_path / "recipe.yaml"
+    case.write_text(yaml.safe_dump({**data, "base": str(TINY / "base"), "parents": [
+        str(TINY / "up"), model_dir(tmp_path, "listcfg", b"[1, 2]")]}))
+    check_refused(existing, ["merge", str(case), str(tmp_path / "merged")],
+                  [str(case), "parents.1", "config.json", "JSON object"])
+    assert not (tmp_path / "merged").exists()
