@@ -136,3 +136,15 @@ def test_optuna_dashboard_serves_the_study_and_its_trials(study):
     assert sorted(t["state"] for t in trials) == ["Complete"] * 7 + ["Fail"]
     attrs = {a["key"] for a in trials[0]["user_attrs"]}
     assert {ATTR + "recipe", ATTR + "scores", ATTR + "genome"} <= attrs
+
+
+def test_status_prints_the_best_recipe_compactly_in_unwrapped_lines(study):
+    r = CliRunner().invoke(app, ["status", str(study)])  # output is not a terminal here: no wrapping
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("study tiny-ps: 7 complete, 1 failed") for line in lines)
+    failed = next(line for line in lines if line.startswith("trial 1 failed: "))
+    assert len(failed) > 80 and failed.endswith("not finite (NaN or inf)")  # one line, past a terminal's width
+    assert "best recipe: ties of up, rot on base base" in lines
+    groups = [line for line in lines if line.startswith("  layers.0: weight ")]
+    assert len(groups) == 1 and ", density " in groups[0]
