@@ -26,6 +26,9 @@ MAX_FILE_BYTES = 1 << 20  # a study, preset, recipe or config file; real ones ar
 MAX_DEPTH = 32  # YAML nesting, aliases expanded; the deepest real field is ~6 levels down
 MAX_NODES = 100_000  # YAML values, aliases expanded: an alias bomb stops here, not in pydantic or a message
 MAX_MESSAGE = 400  # characters of one value or path in a message
+MAX_POPSIZE = 100_000  # candidates per generation: each a stored trial and a genome held in memory
+MAX_BUDGET = 10_000_000  # trials; each is a few rows in the study DB
+MAX_SEED = 2**32 - 1  # what numpy's and pycma's seeding accept
 
 
 def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -122,11 +125,6 @@ class SearchSpaceConfig(_Strict):
         if self.scale.low <= 0:
             raise ValueError("scale.low must be > 0 (a scale <= 0 erases or flips the hidden state)")
         return self
-
-
-MAX_POPSIZE = 100_000
-MAX_BUDGET = 10_000_000  # trials; each is a few rows in the study DB
-MAX_SEED = 2**32 - 1  # what numpy's and pycma's seeding accept
 
 
 class OptimizerConfig(_Strict):
@@ -395,11 +393,9 @@ def load_yaml(path: Path, what: str = "file") -> dict:
             raise ConfigError(path, "", "empty file; expected a mapping of fields")
         _check_tree(path, node)
         data = loader.construct_document(node)
-    except yaml.YAMLError as e:
-        raise ConfigError(path, "", f"not valid YAML ({e})") from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        if isinstance(e, ConfigError):
-            raise
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer of more digits than Python converts
         raise ConfigError(path, "", f"not valid YAML ({e})") from None
     finally:
         loader.dispose()
