@@ -38,6 +38,7 @@ from .spaces import DataflowSpace, ParameterSpace, Range, SearchSpace
 ATTR = "evomerge."
 LOCK_NAMESPACE = 0x65766F  # "evo": the advisory-lock class of evomerge's per-study generation lock
 POLL_S = 0.5  # how often an idle runner looks for claimable work
+MAX_CMA_DIMENSION = 5000  # a published 7B layer-wise space is a few hundred
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -301,6 +302,12 @@ class Study:
 
     def _new_optimizer(self) -> Optimizer:
         o = self.cfg.optimizer
+        d = self.space.dimension
+        if o.name in ("cmaes", "catcma") and d > MAX_CMA_DIMENSION:
+            raise ConfigError(self.cfg.path, "search_space", (
+                f"dimension {d}: CMA-ES keeps {d}x{d} matrices ({3 * 8 * d * d / 1e9:.1f} GB) and decomposes them "
+                f"as it goes; keep the dimension under {MAX_CMA_DIMENSION} (a coarser layer_granularity, fewer "
+                "repeats or groups) or use optimizer tpe or random"))
         try:
             return create_optimizer(o.name, dimension=self.space.dimension, categories=self.space.categories(),
                                     seed=self.cfg.seed, sigma0=o.sigma0, popsize=o.popsize, x0=self.space.x0(),

@@ -276,6 +276,8 @@ HARDENING_CASES: list[tuple[str, str, Any, list[str]]] = [
      ["search_space.layer_granularity", "less than or equal"]),
     ("absurd final top-k", "fitness.final_top_k", 10**9, ["fitness.final_top_k", "less than or equal"]),
     ("absurd thread count", "executor", {"threads": 10**6}, ["executor.threads", "less than or equal"]),
+    ("a search space too large for CMA-ES", "search_space", {"preset": "dfs", "repeats": 1000},
+     ["search_space", "dimension 16000", "optimizer tpe or random"]),
     ("a thousand baselines", "baselines.weight", [0.5] * 1000, ["baselines.weight", "at most 100"]),
     ("unknown device", "device", "tpu", ["device", "unknown device 'tpu'", "cuda:N"]),
     ("device not a word", "device", ["cpu"], ["device", "string"]),
