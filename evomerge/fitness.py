@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import FitnessConfig, TaskConfig
+from .config import MAX_FILE_BYTES, FitnessConfig, TaskConfig
 
 
 class FitnessError(ValueError):
@@ -118,8 +118,6 @@ def task_manager(config: FitnessConfig):
 
 def _unreadable(folders: list[str]) -> str:
     """Task YAMLs lm-eval skipped without a word (not UTF-8, too large), for the message that a task is unknown."""
-    from .config import MAX_FILE_BYTES
-
     bad = []
     for folder in folders:
         for f in sorted(Path(folder).rglob("*.yaml")):
@@ -154,10 +152,11 @@ def _data_files(cfg: dict) -> list[str]:
     files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
     if isinstance(files, dict):
         files = list(files.values())
-    names = []
-    for f in [files] if isinstance(files, str) else files if isinstance(files, list) else []:
-        names += [f] if isinstance(f, str) else [x for x in f if isinstance(x, str)] if isinstance(f, list) else []
-    return [n for n in names if "://" not in n and not any(ch in n for ch in "*?[")]  # remote and globs: datasets'
+    names: list = []
+    for f in files if isinstance(files, list) else [files]:
+        names += f if isinstance(f, list) else [f]
+    # remote files and globs are the datasets library's to resolve
+    return [n for n in names if isinstance(n, str) and "://" not in n and not any(ch in n for ch in "*?[")]
 
 
 def check_data_files(config: FitnessConfig, manager) -> list[str]:
