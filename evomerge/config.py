@@ -435,6 +435,7 @@ class RecipeFile(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     path: PathFile | None = None
+    tokenizer_source: str | None = Field(None, description="base (default), union, or a model directory")
 
     @model_validator(mode="after")
     def _path_is_passthrough(self) -> RecipeFile:
@@ -443,15 +444,16 @@ class RecipeFile(_Strict):
         return self
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, notes: list[str] | None = None) -> Recipe:
     """Parse and validate a recipe YAML, evomerge's own or a mergekit config; model paths resolve relative to the file.
 
     Everything is checked before any tensor is read: method, parameters and their ranges, model count, base model.
+    mergekit settings read but not needed add a line to `notes`.
     """
     path = Path(path)
     data = _read_yaml(path)
     if is_mergekit(data):
-        return _load_mergekit(path, data)
+        return _load_mergekit(path, data, notes)
     return _recipe_from(path, data, "")
 
 
@@ -479,8 +481,14 @@ def _recipe_from(path: Path, data: dict, prefix: str) -> Recipe:
                 raise ConfigError(path, prefix + "path.a", "model A must be a parameter-space recipe (no path)")
             layer_path["a"] = a.to_dict()
         _check_path_indices(path, prefix, layer_path, parents)
+    tok = rf.tokenizer_source
+    if tok not in (None, "base", "union"):
+        tok = _resolve(d, tok)
+        if tok not in [base, *parents]:
+            raise ConfigError(path, prefix + "tokenizer_source", f"{rf.tokenizer_source!r} is not base, union, "
+                                                                 "nor the base or a parent of this recipe")
     return Recipe(method=rf.method, parents=parents, base=base, groups={g: dict(v) for g, v in rf.groups.items()},
-                  options=rf.options, dtype=rf.dtype, seed=rf.seed, path=layer_path)
+                  options=rf.options, dtype=rf.dtype, seed=rf.seed, path=layer_path, tokenizer_source=tok)
 
 
 def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list[str]) -> None:
@@ -504,7 +512,7 @@ def _check_dirs(path: Path, fields: list[tuple[str, str | None]]) -> None:
             raise ConfigError(path, field, f"model directory {p} does not exist")
 
 
-def _load_mergekit(path: Path, data: dict) -> Recipe:
+def _load_mergekit(path: Path, data: dict, notes: list[str] | None = None) -> Recipe:
     """A mergekit config: its models must be local directories (evomerge never downloads)."""
     from .io import ModelFilesError, inspect_model
 
@@ -515,7 +523,7 @@ def _load_mergekit(path: Path, data: dict) -> Recipe:
     _check_dirs(path, [("base_model" if data.get("base_model") else "models", ref_dir)])
     try:
         info = inspect_model(ref_dir)
-        recipe = from_mergekit(data, info, lambda p: _resolve(path.parent, p))
+        recipe = from_mergekit(data, info, lambda p: _resolve(path.parent, p), notes)
         validate(recipe.method, recipe.base, recipe.parents, recipe.groups, recipe.options)
     except InvalidRecipe as e:
         raise ConfigError(path, e.field, e.message) from None

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import __version__
 from ..io import (TensorReader, check_compatible, group_order, inspect_model, load_state_dict, model_license,
-                  tensor_group, write_sharded)
+                  recipe_groups, tensor_group, write_sharded)
 from ..recipe import Recipe
 from .methods import (InvalidRecipe, MergeMethod, apply, magnitude_ranks, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
@@ -45,6 +45,10 @@ def check_recipe(recipe: Recipe, groups: list[str]) -> MergeMethod:
     for g in groups:
         if g not in recipe.groups:
             raise RecipeMismatch(f"recipe has no values for group {g!r}; groups of this model: {groups}")
+    for g in recipe.groups:
+        if g not in groups and ".".join(g.split(".")[:2]) not in groups:
+            raise RecipeMismatch(f"recipe group {g!r} is not a group of this model ({groups}) nor a module "
+                                 "group layers.<i>.<filter> of one of its layers")
     return method
 
 
@@ -159,10 +163,11 @@ class Materializer:
         n = len(self.parent_paths)
         params = {g: group_params(method, v, n, self.device) for g, v in recipe.groups.items()}
         kernel = self._kernel(method)
+        owner = recipe_groups(self.deltas, recipe.groups)
         for name, deltas in self.deltas.items():
             aux = {kind: self._aux[(kind, recipe.seed if kind == "bits" else None)][name] for kind in method.aux}
             stacked = deltas if method.uses_base or self.base[name] is None else deltas + self.base[name]
-            args = (self._targets[name], method, self.base[name], stacked, params[tensor_group(name)], aux,
+            args = (self._targets[name], method, self.base[name], stacked, params[owner[name]], aux,
                     recipe.options)
             try:
                 kernel(*args)
@@ -193,6 +198,7 @@ def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str 
     readers = [TensorReader(p) for p in recipe.parents]
     n = len(readers)
     params = {g: group_params(method, v, n, device) for g, v in recipe.groups.items()}
+    owner = recipe_groups(shapes, recipe.groups)
     out_dtype = DTYPES[recipe.dtype]
 
     @torch.no_grad()
@@ -202,7 +208,7 @@ def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str 
         if base is not None and method.uses_base:
             stacked -= base
         aux = prepare_aux(method.aux, name, stacked, shapes[name], recipe.seed)
-        merged = apply(method, base, stacked, params[tensor_group(name)], aux, recipe.options)
+        merged = apply(method, base, stacked, params[owner[name]], aux, recipe.options)
         return merged.to(out_dtype).reshape(shapes[name])
 
     out.mkdir(parents=True, exist_ok=True)
