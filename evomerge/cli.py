@@ -105,7 +105,10 @@ def run(
             study = Study(cfg, storage)
             out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
             method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
-            out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
+            grain = ""
+            if study.space.kind == "ps":
+                grain = f", groups by {'/'.join(study.space.filters)} and the rest" if study.space.filters else ", layer groups"
+            out.print(f"search space {study.space.kind} ({method}{grain}): dimension {study.space.dimension}")
             if cfg.executor.name == "ray":
                 address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
                 out.print(f"executor ray at {address}")

@@ -43,6 +43,9 @@ class MergeConfig(_Strict):
     method: str = "ties"
     options: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tokenizer_source: str | None = Field(
+        None, description="parents with added tokens: base (default), union, or one of models.parents (mergekit's "
+                          "meaning); decides the rows of embeddings and head and the exported tokenizer")
 
     @field_validator("method")
     @classmethod
@@ -79,7 +82,13 @@ class SearchSpaceConfig(_Strict):
     """
 
     kind: Literal["ps", "dfs", "ps+dfs"] = "ps"
-    layer_granularity: int = Field(1, ge=1)
+    layer_granularity: int = Field(1, ge=0, description="layers per group; 0: all layers one group")
+    granularity: Literal["layer", "module"] | list[str] = Field(
+        "layer", description="layer: one group per layer block; module: attention, MLP and the rest (norms) "
+                             "apart; or a list of tensor-name filters, each searched apart from the rest")
+    x0: dict[Literal["weight", "density", "t"], float] = Field(
+        default_factory=dict, description="where the search starts, per parameter in its own units "
+                                          "(default: the middle of its range)")
     groups: list[Literal["embed", "layers", "head"]] = Field(default_factory=lambda: ["embed", "layers", "head"])
     weight: RangeConfig = RangeConfig(low=0.0, high=1.0)
     density: RangeConfig = RangeConfig(low=0.1, high=1.0)
@@ -98,6 +107,28 @@ class SearchSpaceConfig(_Strict):
         if self.t.low < 0 or self.t.high > 1:
             raise ValueError("t range must lie within [0, 1]")
         return self
+
+    @model_validator(mode="after")
+    def _filters_usable(self) -> SearchSpaceConfig:
+        if isinstance(self.granularity, list):
+            bad = [f for f in self.granularity if not f or "/" in f or f.strip() != f]
+            if bad or not self.granularity or len(set(self.granularity)) != len(self.granularity):
+                raise ValueError(f"granularity: filters must be distinct, non-empty tensor-name substrings without "
+                                 f"'/' or spaces, got {self.granularity!r}")
+        for p, v in self.x0.items():
+            r = getattr(self, p)
+            if not r.low <= v <= r.high:
+                raise ValueError(f"x0.{p}: {v} is outside the searched range [{r.low}, {r.high}]")
+        return self
+
+    @property
+    def filters(self) -> list[str]:
+        """The tensor-name filters each layer group is split by (none at layer granularity)."""
+        from .io import MODULES
+
+        if isinstance(self.granularity, list):
+            return list(self.granularity)
+        return list(MODULES) if self.granularity == "module" else []
 
     @model_validator(mode="after")
     def _scale_positive(self) -> SearchSpaceConfig:
@@ -349,6 +380,13 @@ def load_study(path: str | Path, download: bool = True) -> StudyConfig:
     if cfg.models.base:
         cfg.models.base = _model_path(path, "models.base", cfg.models.base, download)
     cfg.models.parents = [_model_path(path, f"models.parents.{i}", p, download) for i, p in enumerate(cfg.models.parents)]
+    tok = cfg.merge.tokenizer_source
+    if tok not in (None, "base", "union"):
+        local = _resolve(path.parent, tok)
+        if local not in [cfg.models.base, *cfg.models.parents] and tok not in [cfg.models.base, *cfg.models.parents]:
+            raise ConfigError(path, "merge.tokenizer_source", f"{tok!r} is not base, union, nor models.base or one of "
+                                                              "models.parents")
+        cfg.merge.tokenizer_source = local if Path(local).is_dir() else tok
     for i, t in enumerate(cfg.fitness.tasks):
         if t.source == "perplexity":
             for split in ("search_split", "test_split"):

@@ -55,7 +55,8 @@ def build_space(cfg: StudyConfig, storage: str | None = None) -> SearchSpace:
         ranges={"weight": Range(ss.weight.low, ss.weight.high), "density": Range(ss.density.low, ss.density.high),
                 "t": Range(ss.t.low, ss.t.high)},
         fixed=dict(ss.fixed), searched_groups=ss.groups, layer_granularity=ss.layer_granularity,
-        options=cfg.merge.options, dtype=cfg.merge.dtype,
+        filters=ss.filters, x0=dict(ss.x0), options=cfg.merge.options, dtype=cfg.merge.dtype,
+        tokenizer_source=cfg.merge.tokenizer_source,
     )
 
 
