@@ -144,6 +144,9 @@ class OptimizerConfig(_Strict):
     popsize: int | None = Field(None, ge=2)
 
 
+LM_EVAL_OPTIONS = ("num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs")
+
+
 class TaskConfig(_Strict):
     """One fitness task: an lm-eval task (default), perplexity on local text files, or a Python callable."""
 
@@ -156,6 +159,13 @@ class TaskConfig(_Strict):
     test_split: str = Field("test", description="lm-eval split, or the text file (perplexity) the final eval reads")
     function: str | None = Field(None, description="source callable: `module:function`, "
                                                    "called as function(model, tokenizer, split) -> float")
+    limit: int | None = Field(None, ge=1, description="lm-eval: search on the first `limit` examples of the "
+                                                      "search split (the search subset); the test split is unaffected")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval: overrides fitness.num_fewshot for this task")
+    apply_chat_template: bool | None = Field(None, description="lm-eval: overrides fitness.apply_chat_template")
+    fewshot_as_multiturn: bool | None = Field(None, description="lm-eval: overrides fitness.fewshot_as_multiturn")
+    gen_kwargs: dict[str, Any] | None = Field(None, description="lm-eval: generation kwargs merged into this "
+                                                                "generate_until task's, over fitness.gen_kwargs")
 
     @model_validator(mode="after")
     def _source_fields(self) -> TaskConfig:
@@ -166,6 +176,9 @@ class TaskConfig(_Strict):
             raise ValueError("source callable needs `function: module:function`")
         if self.source != "callable" and self.function:
             raise ValueError(f"`function` is only for source callable (this task's source is {self.source})")
+        lm_only = [k for k in LM_EVAL_OPTIONS + ("limit",) if getattr(self, k) is not None]
+        if self.source != "lm-eval" and lm_only:
+            raise ValueError(f"{lm_only[0]} is an lm-eval option; this task's source is {self.source}")
         return self
 
 
@@ -189,6 +202,33 @@ class FitnessConfig(_Strict):
     final_top_k: int = Field(3, ge=1, description="best trials re-scored on the test split after the search")
     allow_test_split_search: bool = Field(
         False, description="let a search split be a public benchmark's test split (contaminates the final number)")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval's num_fewshot for every task (None: the "
+                                                            "task's own; a task whose YAML says 0 keeps 0, as lm-eval)")
+    apply_chat_template: bool = Field(False, description="lm-eval: wrap prompts in the tokenizer's chat template")
+    fewshot_as_multiturn: bool = Field(False, description="lm-eval: few-shot examples as chat turns "
+                                                          "(needs apply_chat_template)")
+    gen_kwargs: dict[str, Any] | None = Field(None, description="lm-eval: generation kwargs merged into every "
+                                                                "generate_until task's")
+
+    @model_validator(mode="after")
+    def _multiturn_needs_chat(self) -> FitnessConfig:
+        for i, t in enumerate(self.tasks):
+            if self.option(t, "fewshot_as_multiturn") and not self.option(t, "apply_chat_template"):
+                where = f"tasks.{i}.fewshot_as_multiturn" if t.fewshot_as_multiturn else "fewshot_as_multiturn"
+                raise ValueError(f"{where}: few-shot examples as chat turns need apply_chat_template: true")
+        return self
+
+    def option(self, task: TaskConfig, name: str) -> Any:
+        """A task's lm-eval option: its own setting, else the study's (``gen_kwargs``: the two merged)."""
+        if name == "gen_kwargs":
+            merged = {**(self.gen_kwargs or {}), **(task.gen_kwargs or {})}
+            return merged or None
+        own = getattr(task, name)
+        return own if own is not None else getattr(self, name)
+
+    def search_limit(self, task: TaskConfig) -> int | None:
+        """Examples of a task's search split the search reads: its own `limit`, else the study's."""
+        return task.limit or self.limit
 
     @field_validator("include_path", mode="before")
     @classmethod
