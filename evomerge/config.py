@@ -289,6 +289,7 @@ class StudyConfig(_Strict):
     baselines: BaselineConfig = BaselineConfig()
     executor: ExecutorConfig = ExecutorConfig()
     _path: Path = PrivateAttr(default_factory=Path)
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _objectives(self) -> StudyConfig:
@@ -324,6 +325,11 @@ class StudyConfig(_Strict):
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def notes(self) -> list[str]:
+        """What reading the file noticed but did not refuse (a mergekit-evolve setting without an equivalent)."""
+        return self._notes
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self._path.parent / (self.study + '.db')}"
@@ -402,14 +408,23 @@ def _model_path(study: Path, field: str, p: str, download: bool) -> str:
                                         f"({type(e).__name__}: {e}); set HF_HUB_OFFLINE=0 to allow downloads") from None
 
 
-def load_study(path: str | Path, download: bool = True) -> StudyConfig:
-    """Parse and validate a study file; model paths come back absolute and existing.
+def load_study(path: str | Path, download: bool = True, task_search_path: list[str] | None = None) -> StudyConfig:
+    """Parse and validate a study file, or a mergekit-evolve config as the study it means; model paths come back
+    absolute and existing.
 
     Models given as Hub ids are fetched into the HF cache; with `download=False` (``run --check``) they are only
-    checked for syntax and left as ids.
+    checked for syntax and left as ids.  `task_search_path` (absolute folders) is mergekit-evolve's option of that
+    name: where its file's tasks are found.
     """
+    from .evolve import is_evolve, study_from_evolve
+
     path = Path(path)
     data = _read_yaml(path)
+    notes: list[str] = []
+    if is_evolve(data):
+        data, notes = study_from_evolve(data, path, task_search_path)
+    elif task_search_path:
+        raise ConfigError(path, "", "--task-search-path is for mergekit-evolve files; set fitness.include_path")
     if "search_space" in data:
         data["search_space"] = _load_preset(path, data["search_space"])
     try:
@@ -445,6 +460,7 @@ def load_study(path: str | Path, download: bool = True) -> StudyConfig:
     if cfg.storage:
         cfg.storage = check_storage_url(cfg.storage, path, "storage")
     cfg._path = path.resolve()
+    cfg._notes = notes
     return cfg
 
 

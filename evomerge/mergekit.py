@@ -218,7 +218,7 @@ def _read_models(entries: Any, groups_tensors: dict[str, list[str]]):
 def _read_slices(slices: Any, num_layers: int, method: str, base: str | None):
     """Models, per-(model, group) settings and per-group t of layer-aligned slices; refuse slices that move layers.
 
-    Embeddings and head take their settings from the first slice's sources, as mergekit does.
+    Embeddings take their settings from the first slice, the final norm and head from the last, as mergekit does.
     """
     if not isinstance(slices, list) or not slices:
         raise InvalidRecipe("slices", "a non-empty list of {sources: [...]} is required")
@@ -242,7 +242,8 @@ def _read_slices(slices: Any, num_layers: int, method: str, base: str | None):
         if method == "passthrough" and len(sources) != 1:
             raise InvalidRecipe(f"slices.{i}.sources", "passthrough takes each slice from exactly one model")
         n = end - start
-        groups = [f"layers.{layer}" for layer in range(start, end)] + (["embed", "head"] if i == 0 else [])
+        groups = ([f"layers.{layer}" for layer in range(start, end)] + (["embed"] if i == 0 else [])
+                  + (["head"] if i == len(slices) - 1 else []))
         for layer in range(start, end):
             ts[f"layers.{layer}"] = (layer - start) / (n - 1) if n > 1 else 1.0
         for j, s in enumerate(sources):

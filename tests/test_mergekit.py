@@ -197,6 +197,7 @@ def test_gradients_restart_in_each_slice_like_mergekit(tmp_path, tiny):
     r = load_recipe(write(tmp_path, cfg))
     assert [r.groups[f"layers.{i}"]["weight"][0] for i in range(4)] == [0.0, 1.0, 1.0, 0.2]
     assert r.groups["layers.2"]["weight"][1] == 0.4 and r.groups["embed"]["weight"] == [0.0, 1.0]
+    assert r.groups["head"]["weight"] == [0.2, 0.3]  # the last slice's, at t = 1
 
 
 def test_merge_cli_accepts_a_mergekit_config(tmp_path, tiny, evomerge_cmd):
