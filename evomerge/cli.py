@@ -163,6 +163,7 @@ def _check(study_file: Path, task_search_path: Optional[list[Path]] = None) -> N
     from .config import load_study
     from .fitness import FitnessError, check_tasks
     from .io import check_compatible, inspect_model
+    from .vocab import check_vocab_compatible
 
     try:
         cfg = load_study(study_file, download=False, task_search_path=_absolute(task_search_path))
@@ -170,7 +171,8 @@ def _check(study_file: Path, task_search_path: Optional[list[Path]] = None) -> N
         models = [m for m in [cfg.models.base, *cfg.models.parents] if m]
         local = [m for m in models if Path(m).is_dir()]
         if len(local) == len(models):
-            check_compatible([inspect_model(m) for m in local])
+            infos = [inspect_model(m) for m in local]
+            (check_vocab_compatible if cfg.merge.tokenizer_source else check_compatible)(infos)
         notes = check_tasks(cfg.fitness)
     except FitnessError as e:
         _fail(ValueError(f"{study_file}: {e}"))

@@ -279,9 +279,12 @@ def check_compatible(models: list[ModelInfo]) -> None:
             if name not in other.shapes:
                 raise ModelFilesError(f"{other.path}: tensor {name} is missing (present in {ref.path})")
             if other.shapes[name] != shape:
+                rows = tensor_group(name) in ("embed", "head") and other.shapes[name][1:] == shape[1:]
                 raise ModelFilesError(
                     f"{other.path}: tensor {name} has shape {list(other.shapes[name])}, "
                     f"but {list(shape)} in {ref.path}; parents must have identical shapes"
+                    + ("; if a parent added tokens, set tokenizer_source (base, union or a model) to align their "
+                       "vocabularies" if rows else "")
                 )
         extra = sorted(set(other.shapes) - set(ref.shapes))
         if extra:

@@ -109,6 +109,8 @@ class Progress:
 def _signature(cfg: StudyConfig, space: SearchSpace) -> dict:
     sig = {"kind": space.kind, "method": cfg.merge.method, "names": space.names,
            "parents": cfg.models.parents, "base": cfg.models.base, "optimizer": cfg.optimizer.name}
+    if cfg.merge.tokenizer_source:
+        sig["tokenizer_source"] = cfg.merge.tokenizer_source
     if space.kind != "ps":  # a changed model A (its study found a better recipe) is a different study
         sig.update(method="passthrough", a=getattr(space, "a", None))
     return sig
