@@ -2,9 +2,11 @@
 import json
 import subprocess
 
+import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from evomerge.config import ConfigError, load_study
 from evomerge.spaces import ParameterSpace, Range
 from tests.conftest import write_study
 
@@ -44,7 +46,6 @@ def test_a_module_study_runs_and_its_mergekit_export_merges_to_the_stored_test_s
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
-    from evomerge.config import load_study
     from evomerge.fitness import Fitness
 
     s = json.loads(subprocess.run([*evomerge_cmd, "status", str(study), "--json"], capture_output=True,
@@ -53,3 +54,17 @@ def test_a_module_study_runs_and_its_mergekit_export_merges_to_the_stored_test_s
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert Fitness(load_study(study).fitness, model, tok, "cpu").score("test").value == stored
+
+
+@pytest.mark.parametrize("space, where", [
+    ({"granularity": "attention"}, "search_space.granularity"),
+    ({"granularity": ["mlp", "mlp"]}, "search_space: granularity"),
+    ({"granularity": ["self/attn"]}, "search_space: granularity"),
+    ({"x0": {"weight": 3.0}}, "search_space: x0.weight"),
+    ({"x0": {"gamma": 0.1}}, "search_space.x0.gamma"),
+])
+def test_a_bad_granularity_or_x0_names_the_file_and_field(tmp_path, space, where):
+    study = write_study(tmp_path, search_space={"preset": "ps-layerwise", **space})
+    with pytest.raises(ConfigError) as e:
+        load_study(study)
+    assert f"{study}: {where}" in str(e.value)
