@@ -386,6 +386,7 @@ def convert(
     evolve_file: Path = typer.Argument(..., help="mergekit-evolve config YAML"),
     output: Path = typer.Option(..., "-o", "--output", help="evomerge study YAML to write"),
     budget: Optional[int] = typer.Option(None, "--budget", min=1, help="trials (mergekit-evolve's --max-fevals)"),
+    random_seed: Optional[int] = typer.Option(None, "--random-seed", help="the study's seed (as mergekit-evolve's)"),
     task_search_path: Optional[list[Path]] = TaskSearchOpt,
 ) -> None:
     """Write the evomerge study a mergekit-evolve config means, for editing; what differs is noted at its top."""
@@ -403,6 +404,8 @@ def convert(
         _fail(e)
     if budget:
         study["budget"] = budget
+    if random_seed is not None:
+        study["seed"] = random_seed
     here, there = evolve_file.resolve().parent, output.resolve().parent
 
     def moved(p: Optional[str]) -> Optional[str]:

@@ -41,10 +41,11 @@ def test_the_documented_example_runs_as_a_study_named_and_stored_after_its_file(
 
 def test_convert_writes_a_study_that_run_check_accepts(tmp_path, evomerge_cmd):
     out = tmp_path / "studies" / "converted.yaml"
-    r = run(evomerge_cmd, "convert", EXAMPLE, "-o", out, "--task-search-path", FITNESS, "--budget", 30)
+    r = run(evomerge_cmd, "convert", EXAMPLE, "-o", out, "--task-search-path", FITNESS, "--budget", 30,
+            "--random-seed", 7)
     assert r.returncode == 0, r.stderr
     study = yaml.safe_load(out.read_text())
-    assert study["budget"] == 30 and study["merge"]["options"] == {"normalize": True, "rescale_mode": "l1"}
+    assert study["budget"] == 30 and study["seed"] == 7 and study["merge"]["options"] == {"normalize": True, "rescale_mode": "l1"}
     assert study["search_space"]["x0"] == {"weight": 0.5, "density": 1.0}
     assert study["search_space"]["weight"] == {"low": -1.0, "high": 1.0}
     assert study["fitness"]["tasks"][1] == {"task": "tiny_rot", "metric": "exact_match,none", "weight": 0.5,
