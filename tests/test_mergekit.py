@@ -216,3 +216,15 @@ def test_merge_cli_names_the_mergekit_field_it_refuses(tmp_path, tiny, evomerge_
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "mk.yaml" in proc.stderr and "parents" in proc.stderr
     assert "slerp" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_source_that_is_no_model_of_the_config_is_refused_naming_it(tmp_path, tiny):
+    cfg = {"merge_method": "linear", "tokenizer_source": "elsewhere",
+           "models": [{"model": str(tiny / "up"), "parameters": {"weight": 1.0}},
+                      {"model": str(tiny / "rot"), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(ConfigError, match=r"mk\.yaml: tokenizer_source: 'elsewhere'"):
+        load_recipe(write(tmp_path, cfg))
+    recipe = Recipe("linear", [str(tiny / "up"), str(tiny / "rot")], {g: {"weight": [1.0, 1.0]} for g in GROUPS},
+                    tokenizer_source=str(tiny / "base"))
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: tokenizer_source: "):
+        load_recipe(recipe.save(tmp_path / "recipe.yaml"))
