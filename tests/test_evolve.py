@@ -5,6 +5,7 @@ import subprocess
 import pytest
 import yaml
 
+from evomerge.config import ConfigError, load_study
 from tests.conftest import FITNESS, TINY
 
 EXAMPLE = TINY / "evolve.yaml"
@@ -76,9 +77,15 @@ def test_filters_and_smooth_map_to_module_groups_and_a_note(tmp_path, evomerge_c
     ("limit", 0),
     ("population", 8),
 ])
-def test_a_bad_evolve_field_exits_2_naming_file_and_field(tmp_path, evomerge_cmd, field, value):
+def test_a_bad_evolve_field_is_refused_naming_file_and_field(tmp_path, field, value):
     path = evolve_file(tmp_path, **{field: value})
+    with pytest.raises(ConfigError) as e:
+        load_study(path, task_search_path=[str(FITNESS)])
+    assert f"{path}: {'tasks.0.weight' if field == 'tasks' else field}" in str(e.value)
+
+
+def test_a_bad_evolve_file_exits_2_before_the_db_is_touched(tmp_path, evomerge_cmd):
+    path = evolve_file(tmp_path, **{"genome.merge_method": "della"})
     r = run(evomerge_cmd, "run", path, "--task-search-path", FITNESS)
-    where = "tasks.0.weight" if field == "tasks" else field
-    assert r.returncode == 2 and f"{path}: {where}" in r.stderr.replace("\n", ""), r.stderr
+    assert r.returncode == 2 and f"{path}: genome.merge_method" in r.stderr.replace("\n", ""), r.stderr
     assert not (tmp_path / "my-evolve.db").exists()
