@@ -1,4 +1,4 @@
-"""The `evomerge` command: run, status, export, report, merge.
+"""The `evomerge` command: run, status, export, report, merge, convert.
 
 Bad input exits with code 2 and a message naming the file and field; nothing is written to the study DB before the
 study file, the models and the fitness tasks have all been checked.
@@ -89,13 +89,25 @@ def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str
     raise typer.Exit(2)
 
 
-def _load(study_file: Path):
+def _load(study_file: Path, task_search_path: Optional[list[Path]] = None):
     from .config import load_study
 
     try:
-        return load_study(study_file)
+        cfg = load_study(study_file, task_search_path=_absolute(task_search_path))
     except _user_errors() as e:
         _fail(e)
+    _print_notes(study_file, cfg.notes)
+    return cfg
+
+
+def _absolute(paths: Optional[list[Path]]) -> Optional[list[str]]:
+    return [str(p.resolve()) for p in paths] if paths else None
+
+
+def _print_notes(file: Path, notes: list[str]) -> None:
+    """One line per setting read but not applied as written: never silence."""
+    for n in notes:
+        err.print(Text.assemble(("note: ", "bold yellow"), f"{file}: {n}"), highlight=False, soft_wrap=True)
 
 
 def _open_study(study_file: Path, storage: Optional[str]):
@@ -114,6 +126,8 @@ def _open_study(study_file: Path, storage: Optional[str]):
 
 
 StorageOpt = typer.Option(None, "--storage", help="SQLAlchemy URL of the study DB (overrides the study file)")
+TaskSearchOpt = typer.Option(None, "--task-search-path",
+                             help="mergekit-evolve files: folder of lm-eval task YAMLs (as mergekit-evolve's option)")
 
 
 @app.command()
@@ -122,14 +136,18 @@ def run(
     budget: Optional[int] = typer.Option(None, "--budget", min=1, help="number of trials (overrides the file)"),
     storage: Optional[str] = StorageOpt,
     check: bool = typer.Option(False, "--check", help="validate the study file offline (no download, no DB) and exit"),
+    task_search_path: Optional[list[Path]] = TaskSearchOpt,
 ) -> None:
-    """Run (or resume) a study until its budget of trials is reached, then print the test-split table."""
+    """Run (or resume) a study until its budget of trials is reached, then print the test-split table.
+
+    A mergekit-evolve config runs as the study it means (`--budget` plays `--max-fevals`; the study is named after
+    the file and stored beside it unless --storage says otherwise); `evomerge convert` writes that study out."""
     from .study import Study
 
     if check:
-        _check(study_file)
+        _check(study_file, task_search_path)
         return
-    cfg = _load(study_file)
+    cfg = _load(study_file, task_search_path)
     total = budget or cfg.budget
     study = None
     try:  # whatever ends the run (done, a bad input, Ctrl-C), the executor's workers are shut down
@@ -156,7 +174,10 @@ def _run(study, total: int) -> None:
     cfg = study.cfg
     out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
     method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
-    out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
+    grain = ""
+    if study.space.kind == "ps":
+        grain = f", groups by {'/'.join(study.space.filters)} and the rest" if study.space.filters else ", layer groups"
+    out.print(f"search space {study.space.kind} ({method}{grain}): dimension {study.space.dimension}")
     if cfg.executor.name == "ray":
         address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
         out.print(f"executor ray at {address}")
@@ -181,13 +202,15 @@ def _run(study, total: int) -> None:
     _print_final_eval(study.final_eval())
 
 
-def _check(study_file: Path) -> None:
+def _check(study_file: Path, task_search_path: Optional[list[Path]] = None) -> None:
     """Everything that can be checked without downloading models or data, and a list of what was not."""
     from .config import load_study
     from .fitness import FitnessError, check_tasks
 
     try:
-        cfg = load_study(study_file, download=False)  # local models: headers, tokenizer and shapes checked
+        # local models: headers, tokenizer and shapes (vocabulary rows aside with tokenizer_source) checked
+        cfg = load_study(study_file, download=False, task_search_path=_absolute(task_search_path))
+        _print_notes(study_file, cfg.notes)
         models = [m for m in [cfg.models.base, *cfg.models.parents] if m]
         local = [m for m in models if Path(m).is_dir()]
         notes = check_tasks(cfg.fitness)
@@ -408,12 +431,14 @@ def merge(
     from .io import pick_device
     from .merge import write_model
 
+    notes: list[str] = []
     try:
         check_device(device)
     except ValueError as e:
         _fail(ValueError(f"--device: {e}"))
     try:
-        recipe = load_recipe(recipe_file)
+        recipe = load_recipe(recipe_file, notes)
+        _print_notes(recipe_file, notes)
         if recipe.path is not None:
             write_path_model(recipe, out_dir, pick_device(device))
         else:
@@ -423,6 +448,62 @@ def merge(
     except OSError as e:
         _fail(ValueError(f"{out_dir}: cannot write the model ({e.strerror})"))
     out.print(f"wrote {out_dir}")
+
+
+@app.command()
+def convert(
+    evolve_file: Path = typer.Argument(..., help="mergekit-evolve config YAML"),
+    output: Path = typer.Option(..., "-o", "--output", help="evomerge study YAML to write"),
+    budget: Optional[int] = typer.Option(None, "--budget", min=1, help="trials (mergekit-evolve's --max-fevals)"),
+    random_seed: Optional[int] = typer.Option(None, "--random-seed", help="the study's seed (as mergekit-evolve's)"),
+    task_search_path: Optional[list[Path]] = TaskSearchOpt,
+) -> None:
+    """Write the evomerge study a mergekit-evolve config means, for editing; what differs is noted at its top."""
+    import yaml
+
+    from .config import ConfigError, load_study, load_yaml
+    from .evolve import is_evolve, study_from_evolve
+
+    try:
+        data = load_yaml(evolve_file, "mergekit-evolve config")
+        if not is_evolve(data):
+            raise ConfigError(evolve_file, "genome", "not a mergekit-evolve config (it has no genome)")
+        study, notes = study_from_evolve(data, evolve_file, _absolute(task_search_path))
+    except _user_errors() as e:
+        _fail(e)
+    if budget:
+        study["budget"] = budget
+    if random_seed is not None:
+        study["seed"] = random_seed
+    here, there = evolve_file.resolve().parent, output.resolve().parent
+
+    def moved(p: Optional[str]) -> Optional[str]:
+        """A local path as seen from the output's folder; Hub ids as they are."""
+        if p is None or not (here / p).exists():
+            return p
+        return os.path.relpath((here / p).resolve(), there)
+
+    models = study["models"]
+    models["parents"] = [moved(p) for p in models["parents"]]
+    if models.get("base"):
+        models["base"] = moved(models["base"])
+    if study["merge"].get("tokenizer_source") not in (None, "base", "union"):
+        study["merge"]["tokenizer_source"] = moved(study["merge"]["tokenizer_source"])
+    study["fitness"]["include_path"] = [os.path.relpath(p, there) for p in study["fitness"]["include_path"]]
+    header = [f"# converted from the mergekit-evolve config {evolve_file} by `evomerge convert`"]
+    header += [f"# note: {n}" for n in notes]
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text("\n".join(header) + "\n" + yaml.safe_dump(study, sort_keys=False))
+    except OSError as e:
+        _fail(ValueError(f"{output}: cannot write the study ({e.strerror})"))
+    try:
+        load_study(output, download=False)
+    except _user_errors() as e:
+        output.unlink()
+        _fail(e)
+    _print_notes(evolve_file, notes)
+    out.print(f"wrote {output}: study {study['study']!r}; check it with `evomerge run {output} --check`")
 
 
 if __name__ == "__main__":

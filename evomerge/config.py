@@ -64,6 +64,9 @@ class MergeConfig(_Strict):
     method: str = "ties"
     options: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tokenizer_source: str | None = Field(
+        None, description="parents with added tokens: base (default), union, or one of models.parents (mergekit's "
+                          "meaning); decides the rows of embeddings and head and the exported tokenizer")
 
     @field_validator("method")
     @classmethod
@@ -100,7 +103,13 @@ class SearchSpaceConfig(_Strict):
     """
 
     kind: Literal["ps", "dfs", "ps+dfs"] = "ps"
-    layer_granularity: int = Field(1, ge=1, le=100_000)
+    layer_granularity: int = Field(1, ge=0, le=100_000, description="layers per group; 0: all layers one group")
+    granularity: Literal["layer", "module"] | list[str] = Field(
+        "layer", description="layer: one group per layer block; module: attention, MLP and the rest (norms) "
+                             "apart; or a list of tensor-name filters, each searched apart from the rest")
+    x0: dict[Literal["weight", "density", "t"], float] = Field(
+        default_factory=dict, description="where the search starts, per parameter in its own units "
+                                          "(default: the middle of its range)")
     groups: list[Literal["embed", "layers", "head"]] = Field(default_factory=lambda: ["embed", "layers", "head"])
     weight: RangeConfig = RangeConfig(low=0.0, high=1.0)
     density: RangeConfig = RangeConfig(low=0.1, high=1.0)
@@ -121,6 +130,28 @@ class SearchSpaceConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _filters_usable(self) -> SearchSpaceConfig:
+        if isinstance(self.granularity, list):
+            bad = [f for f in self.granularity if not f or "/" in f or f.strip() != f]
+            if bad or not self.granularity or len(set(self.granularity)) != len(self.granularity):
+                raise ValueError(f"granularity: filters must be distinct, non-empty tensor-name substrings without "
+                                 f"'/' or spaces, got {self.granularity!r}")
+        for p, v in self.x0.items():
+            r = getattr(self, p)
+            if not r.low <= v <= r.high:
+                raise ValueError(f"x0.{p}: {v} is outside the searched range [{r.low}, {r.high}]")
+        return self
+
+    @property
+    def filters(self) -> list[str]:
+        """The tensor-name filters each layer group is split by (none at layer granularity)."""
+        from .io import MODULES
+
+        if isinstance(self.granularity, list):
+            return list(self.granularity)
+        return list(MODULES) if self.granularity == "module" else []
+
+    @model_validator(mode="after")
     def _scale_positive(self) -> SearchSpaceConfig:
         if self.scale.low <= 0:
             raise ValueError("scale.low must be > 0 (a scale <= 0 erases or flips the hidden state)")
@@ -135,6 +166,9 @@ class OptimizerConfig(_Strict):
                                 description="candidates per generation; each is a stored trial and a genome in memory")
 
 
+LM_EVAL_OPTIONS = ("num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs")
+
+
 class TaskConfig(_Strict):
     """One fitness task: an lm-eval task (default), perplexity on local text files, or a Python callable."""
 
@@ -147,6 +181,13 @@ class TaskConfig(_Strict):
     test_split: str = Field("test", description="lm-eval split, or the text file (perplexity) the final eval reads")
     function: str | None = Field(None, description="source callable: `module:function`, "
                                                    "called as function(model, tokenizer, split) -> float")
+    limit: int | None = Field(None, ge=1, description="lm-eval: search on the first `limit` examples of the "
+                                                      "search split (the search subset); the test split is unaffected")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval: overrides fitness.num_fewshot for this task")
+    apply_chat_template: bool | None = Field(None, description="lm-eval: overrides fitness.apply_chat_template")
+    fewshot_as_multiturn: bool | None = Field(None, description="lm-eval: overrides fitness.fewshot_as_multiturn")
+    gen_kwargs: dict[str, Any] | None = Field(None, description="lm-eval: generation kwargs merged into this "
+                                                                "generate_until task's, over fitness.gen_kwargs")
 
     @model_validator(mode="after")
     def _source_fields(self) -> TaskConfig:
@@ -157,6 +198,9 @@ class TaskConfig(_Strict):
             raise ValueError("source callable needs `function: module:function`")
         if self.source != "callable" and self.function:
             raise ValueError(f"`function` is only for source callable (this task's source is {self.source})")
+        lm_only = [k for k in LM_EVAL_OPTIONS + ("limit",) if getattr(self, k) is not None]
+        if self.source != "lm-eval" and lm_only:
+            raise ValueError(f"{lm_only[0]} is an lm-eval option; this task's source is {self.source}")
         return self
 
 
@@ -180,6 +224,33 @@ class FitnessConfig(_Strict):
     final_top_k: int = Field(3, ge=1, le=1000, description="best trials re-scored on the test split after the search")
     allow_test_split_search: bool = Field(
         False, description="let a search split be a public benchmark's test split (contaminates the final number)")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval's num_fewshot for every task (None: the "
+                                                            "task's own; a task whose YAML says 0 keeps 0, as lm-eval)")
+    apply_chat_template: bool = Field(False, description="lm-eval: wrap prompts in the tokenizer's chat template")
+    fewshot_as_multiturn: bool = Field(False, description="lm-eval: few-shot examples as chat turns "
+                                                          "(needs apply_chat_template)")
+    gen_kwargs: dict[str, Any] | None = Field(None, description="lm-eval: generation kwargs merged into every "
+                                                                "generate_until task's")
+
+    @model_validator(mode="after")
+    def _multiturn_needs_chat(self) -> FitnessConfig:
+        for i, t in enumerate(self.tasks):
+            if self.option(t, "fewshot_as_multiturn") and not self.option(t, "apply_chat_template"):
+                where = f"tasks.{i}.fewshot_as_multiturn" if t.fewshot_as_multiturn else "fewshot_as_multiturn"
+                raise ValueError(f"{where}: few-shot examples as chat turns need apply_chat_template: true")
+        return self
+
+    def option(self, task: TaskConfig, name: str) -> Any:
+        """A task's lm-eval option: its own setting, else the study's (``gen_kwargs``: the two merged)."""
+        if name == "gen_kwargs":
+            merged = {**(self.gen_kwargs or {}), **(task.gen_kwargs or {})}
+            return merged or None
+        own = getattr(task, name)
+        return own if own is not None else getattr(self, name)
+
+    def search_limit(self, task: TaskConfig) -> int | None:
+        """Examples of a task's search split the search reads: its own `limit`, else the study's."""
+        return task.limit or self.limit
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -248,6 +319,7 @@ class StudyConfig(_Strict):
     baselines: BaselineConfig = BaselineConfig()
     executor: ExecutorConfig = ExecutorConfig()
     _path: Path = PrivateAttr(default_factory=Path)
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("device")
     @classmethod
@@ -288,6 +360,11 @@ class StudyConfig(_Strict):
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def notes(self) -> list[str]:
+        """What reading the file noticed but did not refuse (a mergekit-evolve setting without an equivalent)."""
+        return self._notes
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self._path.parent / (self.study + '.db')}"
@@ -493,8 +570,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 def _check_models(path: Path, cfg: StudyConfig) -> None:
     """Every local model directory read as far as its headers (config.json, safetensors headers), before anything
     is written or loaded; errors name the study field.  The tokenizer comes from the base (else the first parent);
-    a parameter-space merge needs identical tensor shapes."""
+    a parameter-space merge needs identical tensor shapes (vocabulary rows aside with `merge.tokenizer_source`)."""
     from .io import ModelFilesError, check_compatible, inspect_model
+    from .vocab import check_vocab_compatible
 
     fields = ([("models.base", cfg.models.base)] if cfg.models.base else []) + [
         (f"models.parents.{i}", p) for i, p in enumerate(cfg.models.parents)]
@@ -515,7 +593,7 @@ def _check_models(path: Path, cfg: StudyConfig) -> None:
     by_path = {str(p): f for f, p in local}
     try:
         if infos:
-            check_compatible(infos)
+            (check_vocab_compatible if cfg.merge.tokenizer_source else check_compatible)(infos)
     except ModelFilesError as e:
         field = next((f for p, f in by_path.items() if str(e).startswith(p + ":")), "models")
         raise ConfigError(path, field, str(e)) from None
@@ -540,14 +618,23 @@ def _model_path(study: Path, field: str, p: str, download: bool) -> str:
                                         f"({type(e).__name__}: {e}); set HF_HUB_OFFLINE=0 to allow downloads") from None
 
 
-def load_study(path: str | Path, download: bool = True) -> StudyConfig:
-    """Parse and validate a study file; model paths come back absolute and existing.
+def load_study(path: str | Path, download: bool = True, task_search_path: list[str] | None = None) -> StudyConfig:
+    """Parse and validate a study file, or a mergekit-evolve config as the study it means; model paths come back
+    absolute and existing.
 
     Models given as Hub ids are fetched into the HF cache; with `download=False` (``run --check``) they are only
-    checked for syntax and left as ids.
+    checked for syntax and left as ids.  `task_search_path` (absolute folders) is mergekit-evolve's option of that
+    name: where its file's tasks are found.
     """
+    from .evolve import is_evolve, study_from_evolve
+
     path = Path(path)
     data = load_yaml(path, "study file")
+    notes: list[str] = []
+    if is_evolve(data):
+        data, notes = study_from_evolve(data, path, task_search_path)
+    elif task_search_path:
+        raise ConfigError(path, "", "--task-search-path is for mergekit-evolve files; set fitness.include_path")
     if "search_space" in data:
         data["search_space"] = _load_preset(path, data["search_space"])
     try:
@@ -558,6 +645,13 @@ def load_study(path: str | Path, download: bool = True) -> StudyConfig:
     if cfg.models.base:
         cfg.models.base = _model_path(path, "models.base", cfg.models.base, download)
     cfg.models.parents = [_model_path(path, f"models.parents.{i}", p, download) for i, p in enumerate(cfg.models.parents)]
+    tok = cfg.merge.tokenizer_source
+    if tok not in (None, "base", "union"):
+        local = _resolve(path.parent, tok)
+        if local not in [cfg.models.base, *cfg.models.parents] and tok not in [cfg.models.base, *cfg.models.parents]:
+            raise ConfigError(path, "merge.tokenizer_source", f"{tok!r} is not base, union, nor models.base or one of "
+                                                              "models.parents")
+        cfg.merge.tokenizer_source = local if Path(local).is_dir() else tok
     _check_models(path, cfg)
     if download:
         _check_device_present(path, cfg.device)
@@ -582,6 +676,7 @@ def load_study(path: str | Path, download: bool = True) -> StudyConfig:
     if cfg.storage:
         cfg.storage = check_storage_url(cfg.storage, path, "storage")
     cfg._path = path.resolve()
+    cfg._notes = notes
     return cfg
 
 
@@ -650,6 +745,7 @@ class RecipeFile(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     path: PathFile | None = None
+    tokenizer_source: str | None = Field(None, description="base (default), union, or a model directory")
 
     @model_validator(mode="after")
     def _path_is_passthrough(self) -> RecipeFile:
@@ -658,15 +754,16 @@ class RecipeFile(_Strict):
         return self
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, notes: list[str] | None = None) -> Recipe:
     """Parse and validate a recipe YAML, evomerge's own or a mergekit config; model paths resolve relative to the file.
 
     Everything is checked before any tensor is read: method, parameters and their ranges, model count, base model.
+    mergekit settings read but not needed add a line to `notes`.
     """
     path = Path(path)
     data = load_yaml(path, "recipe")
     if is_mergekit(data):
-        return _load_mergekit(path, data)
+        return _load_mergekit(path, data, notes)
     return _recipe_from(path, data, "")
 
 
@@ -694,8 +791,14 @@ def _recipe_from(path: Path, data: dict, prefix: str) -> Recipe:
                 raise ConfigError(path, prefix + "path.a", "model A must be a parameter-space recipe (no path)")
             layer_path["a"] = a.to_dict()
         _check_path_indices(path, prefix, layer_path, parents)
+    tok = rf.tokenizer_source
+    if tok not in (None, "base", "union"):
+        tok = _resolve(d, tok)
+        if tok not in [base, *parents]:
+            raise ConfigError(path, prefix + "tokenizer_source", f"{rf.tokenizer_source!r} is not base, union, "
+                                                                 "nor the base or a parent of this recipe")
     return Recipe(method=rf.method, parents=parents, base=base, groups={g: dict(v) for g, v in rf.groups.items()},
-                  options=rf.options, dtype=rf.dtype, seed=rf.seed, path=layer_path)
+                  options=rf.options, dtype=rf.dtype, seed=rf.seed, path=layer_path, tokenizer_source=tok)
 
 
 def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list[str]) -> None:
@@ -729,7 +832,7 @@ def _check_dirs(path: Path, fields: list[tuple[str, str | None]]) -> None:
             raise ConfigError(path, field, str(e)) from None
 
 
-def _load_mergekit(path: Path, data: dict) -> Recipe:
+def _load_mergekit(path: Path, data: dict, notes: list[str] | None = None) -> Recipe:
     """A mergekit config: its models must be local directories (evomerge never downloads)."""
     from .io import ModelFilesError, inspect_model
 
@@ -744,7 +847,7 @@ def _load_mergekit(path: Path, data: dict) -> Recipe:
     _check_dirs(path, [("base_model" if data.get("base_model") else "models", ref_dir)])
     try:
         info = inspect_model(ref_dir)
-        recipe = from_mergekit(data, info, lambda p: _resolve(path.parent, p))
+        recipe = from_mergekit(data, info, lambda p: _resolve(path.parent, p), notes)
         validate(recipe.method, recipe.base, recipe.parents, recipe.groups, recipe.options)
     except InvalidRecipe as e:
         raise ConfigError(path, e.field, e.message) from None

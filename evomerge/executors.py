@@ -51,12 +51,15 @@ class Worker:
         self.materializer: Materializer | None = None
         self.dataflow: Dataflow | None = None
         if cfg.search_space.kind == "ps":
-            self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype)
+            self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype,
+                                             tokenizer_source=cfg.merge.tokenizer_source)
             model = self.materializer.model
         else:  # data-flow recipes run as paths over resident sources; the shell is what lm-eval wraps
             self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.merge.dtype)
             model = self.dataflow.model
-        tokenizer = AutoTokenizer.from_pretrained(cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
+        vocab = self.materializer.vocab if self.materializer else None
+        tokenizer = vocab.tokenizer if vocab else AutoTokenizer.from_pretrained(
+            cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
         model.register_forward_hook(_refuse_non_finite_logits)  # the model object every candidate runs through
         self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device), seed=cfg.seed)
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from .config import MAX_FILE_BYTES, FitnessConfig, TaskConfig
 
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
+
 
 class FitnessError(ValueError):
     """The fitness setup cannot work (unknown task, missing split, unknown metric, contaminated search split)."""
@@ -134,16 +136,20 @@ def _unreadable(folders: list[str]) -> str:
 
 
 def check_metrics(config: FitnessConfig, manager) -> None:
-    """Each task's metric is one its task YAML declares: found now, not when the first trial has run."""
+    """Each task's metric is one its task YAML declares (a `metric,filter` name by its metric), and its
+    `gen_kwargs` go to a task that generates: found now, not when the first trial has run."""
     for i, t in enumerate(config.tasks):
         if t.source != "lm-eval":
             continue
         leaves = _leaf_configs(manager, t.task)
         for leaf, cfg, _ in leaves:
             declared = [m.get("metric") for m in cfg.get("metric_list") or [] if isinstance(m, dict)]
-            if declared and t.metric not in declared and len(leaves) == 1:
+            if declared and t.metric.split(",")[0] not in declared and len(leaves) == 1:
                 raise FitnessError(f"fitness.tasks.{i}.metric: task {leaf!r} declares metrics "
                                    f"{', '.join(map(str, declared))}, not {t.metric[:100]!r}")
+            if t.gen_kwargs and cfg.get("output_type") != "generate_until":
+                raise FitnessError(f"fitness.tasks.{i}.gen_kwargs: task {leaf!r} is {cfg.get('output_type')}, "
+                                   "not generate_until: it generates nothing")
 
 
 def _data_files(cfg: dict) -> list[str]:
@@ -279,6 +285,11 @@ class Fitness:
         self._texts: dict[str, list] = {}
         self._prebuilt: dict[tuple, tuple] = {}
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=device)
+        self._by_name = {t.task: t for t in self.lm_tasks}
+        chat = [t.task for t in self.lm_tasks if config.option(t, "apply_chat_template")]
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise FitnessError(f"fitness.apply_chat_template: task {chat[0]!r} asks for the chat template, but the "
+                               "tokenizer has none")
         self.forward_s = 0.0
         self._time_forward()
         self._memoize_tokenization()
@@ -331,9 +342,38 @@ class Fitness:
                             f"available: {', '.join(leaf.dataset)}"
                         )
                     leaf.config.test_split = name
+                    self._set_options(t, leaf)
                     _memoize_targets(leaf)
             self._tasks[split] = loaded
         return self._tasks[split]
+
+    def _set_options(self, t: TaskConfig, leaf) -> None:
+        """num_fewshot and gen_kwargs as lm-eval's simple_evaluate sets them: a task whose YAML says 0 shots keeps 0,
+        generation kwargs update the task's own, few-shot examples drawn with lm-eval's default seed."""
+        shots = self.config.option(t, "num_fewshot")
+        if shots is not None and leaf.get_config("num_fewshot") != 0:
+            leaf.set_config(key="num_fewshot", value=shots)
+            leaf.set_fewshot_seed(seed=FEWSHOT_SEED)
+        gen = self.config.option(t, "gen_kwargs")
+        if t.gen_kwargs and leaf.get_config("output_type") != "generate_until":
+            raise FitnessError(f"fitness.tasks.{t.task}.gen_kwargs: task {leaf.config.task!r} is "
+                               f"{leaf.get_config('output_type')}, not generate_until: it generates nothing")
+        if gen and leaf.get_config("output_type") == "generate_until":  # the study's: generating tasks, as lm-eval
+            leaf.set_config(key="generation_kwargs", value=gen, update=True)
+
+    def _chat(self, t: TaskConfig | None) -> dict:
+        """build_all_requests' chat arguments for a task (None: the study's), as lm-eval's evaluate passes them."""
+        on = self.config.option(t, "apply_chat_template") if t else self.config.apply_chat_template
+        multi = self.config.option(t, "fewshot_as_multiturn") if t else self.config.fewshot_as_multiturn
+        if not on:
+            return {}
+        return {"apply_chat_template": True, "fewshot_as_multiturn": bool(multi),
+                "chat_template": self.lm.apply_chat_template, "tokenizer_name": self.lm.tokenizer_name}
+
+    def _task_limit(self, name: str, split: str, limit: int | None) -> int | None:
+        """A single task's examples: on the search split its own search subset when it has one."""
+        t = self._by_name.get(name)
+        return self.config.search_limit(t) if split == "search" and t is not None and t.limit else limit
 
     # ---------------------------------------------------------------- scoring
     def score(self, split: str = "search", incumbent: dict[str, list[float]] | None = None) -> Score:
@@ -375,7 +415,7 @@ class Fitness:
             if t.task not in results:
                 continue
             metrics = results[t.task]
-            key = next((k for k in metrics if k.split(",")[0] == t.metric), None)
+            key = next((k for k in metrics if k == t.metric or k.split(",")[0] == t.metric), None)
             if key is None:
                 names = sorted({k.split(",")[0] for k in metrics if not k.endswith("_stderr") and k != "alias"})
                 raise FitnessError(f"fitness.tasks.{t.task}.metric: {t.metric!r} not reported; reported: {names}")
@@ -397,7 +437,8 @@ class Fitness:
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):  # lm-eval's per-call progress bars
             out = evaluate(
                 self.lm, loaded, limit=limit, samples=samples, cache_requests=False, bootstrap_iters=0,
-                log_samples=False, verbosity="ERROR",
+                log_samples=False, verbosity="ERROR", apply_chat_template=self.config.apply_chat_template,
+                fewshot_as_multiturn=self.config.fewshot_as_multiturn,
             )
         examples = sum(v.get("effective", v.get("original", 0)) for v in out.get("n-samples", {}).values())
         return out["results"], examples
@@ -412,7 +453,8 @@ class Fitness:
             task = self.tasks(split)["tasks"][name]
             n = get_sample_size(task, limit)
             with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
-                task.build_all_requests(limit=n, samples=indices, rank=0, world_size=1, cache_requests=False)
+                task.build_all_requests(limit=n, samples=indices, rank=0, world_size=1, cache_requests=False,
+                                        **self._chat(self._by_name.get(name)))
             docs = list(task.doc_iterator(rank=0, limit=n, world_size=1, samples=indices))
             self._prebuilt[key] = (task, list(task.instances), docs)
         return self._prebuilt[key]
@@ -427,7 +469,8 @@ class Fitness:
         from lm_eval.api.metrics import mean
 
         names = list(samples) if samples is not None else list(self.tasks(split)["tasks"])
-        built = {k: self._requests(split, k, limit, samples.get(k) if samples is not None else None) for k in names}
+        built = {k: self._requests(split, k, self._task_limit(k, split, limit),
+                                   samples.get(k) if samples is not None else None) for k in names}
         by_type: dict[str, list] = defaultdict(list)
         for task, instances, _ in built.values():
             for inst in instances:
@@ -517,7 +560,8 @@ class Fitness:
                     raise FitnessError(f"fitness.racing: {t.task}.{t.metric} is not averaged over examples, so "
                                        "scores on subsets do not add up; turn racing off for this study")
                 n = len(task.eval_docs)
-                n = min(n, self.config.limit) if self.config.limit else n
+                limit = self.config.search_limit(t)
+                n = min(n, limit) if limit else n
                 order = list(range(n))
                 random.Random(f"{self.seed}:{t.task}").shuffle(order)
                 self._order[t.task] = order

@@ -36,6 +36,28 @@ def tensor_group(name: str) -> str:
     return "head"
 
 
+MODULES = ("self_attn", "mlp")
+
+
+def recipe_group(name: str, groups: Iterable[str]) -> str:
+    """The recipe group that sets tensor `name`: a module group ``layers.<i>.<filter>`` of its layer whose filter is
+    a substring of the name (the first such group in the recipe's order, as mergekit takes the first matching
+    filter), else its layer group ``layers.<i>`` (for a layer split into modules: the rest, i.e. the norms)."""
+    g = tensor_group(name)
+    if g.startswith("layers."):
+        prefix = g + "."
+        for key in groups:
+            if key.startswith(prefix) and key[len(prefix):] in name:
+                return key
+    return g
+
+
+def recipe_groups(names: Iterable[str], groups: Iterable[str]) -> dict[str, str]:
+    """`recipe_group` for every tensor name, computed once per recipe rather than once per tensor and trial."""
+    keys = list(groups)
+    return {n: recipe_group(n, keys) for n in names}
+
+
 def group_order(group: str) -> tuple[int, int]:
     """Sort key putting merge groups in model order: embed, layers.0, layers.1, ..., head."""
     if group == "embed":
@@ -298,9 +320,12 @@ def check_compatible(models: list[ModelInfo]) -> None:
             if name not in other.shapes:
                 raise ModelFilesError(f"{other.path}: tensor {name} is missing (present in {ref.path})")
             if other.shapes[name] != shape:
+                rows = tensor_group(name) in ("embed", "head") and other.shapes[name][1:] == shape[1:]
                 raise ModelFilesError(
                     f"{other.path}: tensor {name} has shape {list(other.shapes[name])}, "
                     f"but {list(shape)} in {ref.path}; parents must have identical shapes"
+                    + ("; if a parent added tokens, set tokenizer_source (base, union or a model) to align their "
+                       "vocabularies" if rows else "")
                 )
         extra = sorted(set(other.shapes) - set(ref.shapes))
         if extra:

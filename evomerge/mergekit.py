@@ -1,11 +1,15 @@
 """mergekit merge configs ⇄ Recipes, so a config a user already trusts means the same thing here, and back.
 
-mergekit sets a parameter per tensor: a scalar, a gradient (a list interpolated over the layers at
-``t = layer / (layers - 1)``; 0 for the embeddings, 1 for the final norm and head) or a list of ``{filter, value}``
-conditions matched as substrings of tensor names.  A Recipe sets it per merge group (``embed``, ``layers.<i>``,
-``head``), so import evaluates each setting for every tensor of a group and refuses settings that would split a group
-(e.g. different ``self_attn`` and ``mlp`` values within one layer).  Export writes the exact per-group values as a
-gradient over the layers plus one filter per embedding/head tensor.
+mergekit sets a parameter per tensor: a scalar, a gradient (a list interpolated at ``t = i / (n - 1)`` over the n
+layers of each output slice, ``t = 1`` for a one-layer slice; 0 for the embeddings, 1 for the final norm and head) or
+a list of ``{filter, value}`` conditions matched as substrings of tensor names, the first match winning.  A source's
+own setting wins over its slice's, which wins over the global ``parameters`` (for the ``models`` form, a model's
+``parameters`` play the source's part).  A Recipe sets parameters per merge group: ``embed``, ``layers.<i>``,
+``head``, and module groups ``layers.<i>.self_attn`` / ``layers.<i>.mlp`` when a layer's attention and MLP differ
+(the layer group then holds the rest: its norms).  Import evaluates each setting for every tensor and refuses only
+settings that split a group finer than that, naming the field the user wrote (``models.1.parameters.weight``).
+Export writes the exact per-group values as a gradient over the layers, one condition per module filter, and one
+filter per embedding/head tensor.
 
 Slices whose sources keep every layer in place (each output layer i comes from layer i of its sources) are per-layer
 parameter settings and import into a Recipe; slices that stack or reorder layers (frankenmerges) change the data flow
@@ -16,13 +20,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .io import ModelInfo, tensor_group
+from .io import MODULES, ModelInfo, tensor_group
 from .merge.methods import METHODS, InvalidRecipe
 from .recipe import Recipe
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 OUT_DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+TOKENIZER_SOURCES = ("base", "union")
+# mergekit switches that change memory or speed, never the merged weights, so evomerge can ignore them with a note
+NO_EFFECT = {"int8_mask": "a memory-saving mask type in mergekit; no effect on the merged weights"}
+
+Sources = list[tuple[str, Any]]  # (the field the user wrote, its setting), highest precedence first
 
 
 def _kind(value: Any) -> str:
@@ -89,40 +98,70 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     raise ValueError(f"expected a number, a list of numbers or {{filter, value}} conditions, got {_kind(setting)}")
 
 
-def _t(group: str, num_layers: int) -> float:
-    if group == "embed":
-        return 0.0
-    if group == "head":
-        return 1.0
-    i = int(group.split(".")[1])
-    return i / (num_layers - 1) if num_layers > 1 else 0.0
+def _tensor_value(sources: Sources, name: str, t: float) -> tuple[Any, str | None]:
+    """The first source that sets this tensor, and its field."""
+    for field, setting in sources:
+        try:
+            value = evaluate_setting(setting, name, t)
+        except ValueError as e:
+            raise InvalidRecipe(field, str(e)) from None
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise InvalidRecipe(field, f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise InvalidRecipe(field, "must be finite (not NaN or infinity)")
+        return value, field
+    return None, None
 
 
-def _group_value(sources: list[Any], tensors: list[str], group: str, num_layers: int,
-                 field: str) -> float | None:
-    """A parameter's one value for a group: the first source that sets it wins; all tensors must agree."""
-    values = set()
-    for name in tensors:
-        value = None
-        for setting in sources:
-            try:
-                value = evaluate_setting(setting, name, _t(group, num_layers))
-            except ValueError as e:
-                raise InvalidRecipe(field, str(e)) from None
-            if value is not None:
-                break
-        values.add(value)
-    if len(values) > 1:
-        raise InvalidRecipe(field, f"gives different values within merge group {group!r} ({sorted(map(str, values))}); "
-                                   "evomerge sets parameters per layer, not per module inside a layer")
-    return values.pop()
+def _layer_ts(num_layers: int) -> dict[str, float]:
+    """t per merge group for one slice over every layer (the ``models`` form)."""
+    ts = {f"layers.{i}": i / (num_layers - 1) if num_layers > 1 else 1.0 for i in range(num_layers)}
+    return {"embed": 0.0, **ts, "head": 1.0}
 
 
-def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p) -> Recipe:
+def _module_key(group: str, name: str) -> str:
+    """The module group a layer tensor falls in when its layer is split: attention, MLP, or the layer (the rest)."""
+    return next((f"{group}.{f}" for f in MODULES if f in name), group)
+
+
+def _split(group: str, table: dict[str, dict[str, tuple[list[float], list[str | None]]]]) -> dict[str, dict]:
+    """A group's tensors' values as recipe groups: one group when every tensor agrees, else per module (layers
+    only); refuses what still disagrees, naming the field that set the first differing value."""
+    def one(key: str, names: list[str]) -> dict[str, list[float]]:
+        first = table[names[0]]
+        for name in names[1:]:
+            for p, (values, fields) in table[name].items():
+                if values != first[p][0]:
+                    j = next(k for k, (a, b) in enumerate(zip(values, first[p][0])) if a != b)
+                    field = fields[j] or first[p][1][j] or f"parameters.{p}"
+                    how = "per layer or per module (self_attn, mlp, the rest)" if group.startswith("layers.") \
+                        else f"one value for the whole {group!r} group"
+                    raise InvalidRecipe(field, f"gives {names[0]} {first[p][0][j]:g} but {name} {values[j]:g} "
+                                               f"within merge group {key!r}; evomerge sets parameters {how}")
+        return {p: list(v) for p, (v, _) in first.items() if any(f for n in names for f in table[n][p][1])}
+
+    names = list(table)
+    same = all(v == table[names[0]][p][0] for n in names for p, (v, _) in table[n].items())
+    if same or not group.startswith("layers."):
+        return {group: one(group, names)}
+    parts: dict[str, list[str]] = {}
+    for n in names:
+        parts.setdefault(_module_key(group, n), []).append(n)
+    out = {k: one(k, ns) for k, ns in parts.items()}
+    if group not in out:  # a layer with no tensor outside its modules: the layer key still needs values
+        out = {group: next(iter(out.values())), **out}
+    return out
+
+
+def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p,
+                  notes: list[str] | None = None) -> Recipe:
     """A Recipe from a mergekit config; `info` describes the architecture (tensor names, layer count).
 
-    `resolve` maps a model reference in the file to the path the Recipe should hold.  Raises `InvalidRecipe` naming
-    the offending field.
+    `resolve` maps a model reference in the file to the path the Recipe should hold.  Settings evomerge reads but
+    does not need (mergekit's memory switches) add a line to `notes`.  Raises `InvalidRecipe` naming the offending
+    field.
     """
     unknown = sorted(map(str, set(data) - TOP_KEYS))
     check_sections(data)
@@ -131,9 +170,9 @@ def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p) ->
     method = data.get("merge_method")
     if method not in METHODS:
         raise InvalidRecipe("merge_method", f"unknown merge method {method!r}; allowed: {', '.join(METHODS)}")
-    if data.get("tokenizer_source") not in (None, "base"):
-        raise InvalidRecipe("tokenizer_source", "only the base model's tokenizer is supported")
     m = METHODS[method]
+    if not isinstance(data.get("parameters") or {}, dict):
+        raise InvalidRecipe("parameters", "expected a mapping of parameter names to settings")
     top = dict(data.get("parameters") or {})
     base = data.get("base_model")
     num_layers = info.num_layers
@@ -141,73 +180,99 @@ def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p) ->
     for name in info.shapes:
         groups_tensors.setdefault(tensor_group(name), []).append(name)
 
-    per_model: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # model -> [(group, params)] overrides by layer
     if "slices" in data:
         if "models" in data:
             raise InvalidRecipe("slices", "give either `models` or `slices`, not both")
-        models, layer_params = _read_slices(data["slices"], num_layers, method, base)
+        models, layer_params, ts = _read_slices(data["slices"], num_layers, method, base)
     else:
-        entries = data.get("models") or []
-        if not isinstance(entries, list) or not entries:
-            raise InvalidRecipe("models", "a non-empty list of {model, parameters} entries is required")
-        models, layer_params = [], {}
-        for i, e in enumerate(entries):
-            if not isinstance(e, dict) or "model" not in e:
-                raise InvalidRecipe(f"models.{i}", "expected {model: ..., parameters: {...}}")
-            models.append(str(e["model"]))
-            per_model[str(e["model"])] = [("*", dict(e.get("parameters") or {}))]
+        models, layer_params = _read_models(data.get("models"), groups_tensors)
+        ts = _layer_ts(num_layers)
     if method == "passthrough":
         parents = list(dict.fromkeys(([base] if base else []) + models))
         base_path = None
     else:
         parents = [p for p in dict.fromkeys(models) if p != base]
         base_path = base
-    options = {k: top.pop(k) for k in list(top) if k in m.options or k == "int8_mask"}
-    options.pop("int8_mask", None)  # a memory-saving switch in mergekit, no effect on the result
+    options = {k: top.pop(k) for k in list(top) if k in m.options or k in NO_EFFECT}
+    for k in sorted(set(options) & set(NO_EFFECT)):
+        options.pop(k)
+        if notes is not None:
+            notes.append(f"parameters.{k}: {NO_EFFECT[k]}; ignored")
     if m.random and "rescale_mode" not in options:
         options["rescale_mode"] = "l1"  # what mergekit itself does
-    groups: dict[str, dict[str, list[float]]] = {}
-    for g, tensors in groups_tensors.items():
-        values: dict[str, list[float]] = {}
-        for p in m.tensor_params if method != "passthrough" else ():
-            row = []
-            for parent in parents:
-                sources = list(layer_params.get((parent, g), {}).get(p, []))
-                sources += [prm[p] for _, prm in per_model.get(parent, []) if p in prm]
-                sources += [top[p]] if p in top else []
-                v = _group_value(sources, tensors, g, num_layers, f"parameters.{p}")
-                row.append(v)
-            if all(v is None for v in row):
-                continue
-            if any(v is None for v in row):
-                raise InvalidRecipe(f"parameters.{p}", f"set for some parents but not all in group {g!r}")
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
-                bad = next(v for v in row if not isinstance(v, (int, float)) or isinstance(v, bool))
-                raise InvalidRecipe(f"parameters.{p}", f"expected a number, got {_kind(bad)}")
-            if not all(math.isfinite(v) for v in row):
-                raise InvalidRecipe(f"parameters.{p}", "must be finite (not NaN or infinity)")
-            values[p] = [float(v) for v in row]
-        if method == "passthrough":
-            values["weight"] = _passthrough_weights(layer_params, parents, g, base)
-        groups[g] = values
     extra = sorted(k for k in top if k not in m.tensor_params)
     if extra:
         raise InvalidRecipe(f"parameters.{extra[0]}", f"not a parameter or option of {method}; allowed: "
                                                       f"{', '.join([*m.tensor_params, *m.options]) or 'none'}")
+    groups: dict[str, dict[str, list[float]]] = {}
+    for g, tensors in groups_tensors.items():
+        if method == "passthrough":
+            groups[g] = {"weight": _passthrough_weights(layer_params, parents, g, base)}
+            continue
+        table = {}
+        for name in tensors:
+            row: dict[str, tuple[list[float], list[str | None]]] = {}
+            for p, default in m.tensor_params.items():
+                found = []
+                for parent in parents:
+                    sources = layer_params.get((parent, g), {}).get(p, [])
+                    sources = sources + ([(f"parameters.{p}", top[p])] if p in top else [])
+                    found.append(_tensor_value(sources, name, ts[g]))
+                if all(v is None for v, _ in found) and default is not None:
+                    row[p] = ([float(default)] * len(parents), [None] * len(parents))  # not set: the default
+                    continue
+                missing = [parents[j] for j, (v, _) in enumerate(found) if v is None]
+                if missing:
+                    set_by = next((f for v, f in found if f), f"parameters.{p}")
+                    raise InvalidRecipe(set_by, f"{p} is set for some models but not for {missing[0]} "
+                                                f"(tensor {name}); {method} needs it for every model")
+                row[p] = ([float(v) for v, _ in found], [f for _, f in found])
+            table[name] = row
+        groups.update(_split(g, table))
+    tokenizer = data.get("tokenizer_source")
+    if tokenizer is not None and tokenizer not in TOKENIZER_SOURCES and tokenizer not in models + [base]:
+        raise InvalidRecipe("tokenizer_source", f"{tokenizer!r} is not base, union, nor one of the models")
     dtype = data.get("out_dtype") or data.get("dtype") or "float32"
     dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in OUT_DTYPES:
         raise InvalidRecipe("dtype", f"{dtype!r} is not one of {', '.join(OUT_DTYPES)}")
+    if tokenizer not in (None, "base", "union"):
+        tokenizer = resolve(tokenizer)
     return Recipe(method=method, parents=[resolve(p) for p in parents],
-                  base=resolve(base_path) if base_path else None, groups=groups, options=options, dtype=dtype)
+                  base=resolve(base_path) if base_path else None, groups=groups, options=options, dtype=dtype,
+                  tokenizer_source=tokenizer)
+
+
+def _read_models(entries: Any, groups_tensors: dict[str, list[str]]):
+    """Models and per-(model, group) settings of the ``models`` form: a model's parameters apply to all its tensors."""
+    if not isinstance(entries, list) or not entries:
+        raise InvalidRecipe("models", "a non-empty list of {model, parameters} entries is required")
+    models: list[str] = []
+    layer_params: dict[tuple[str, str], dict[str, Sources]] = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or "model" not in e:
+            raise InvalidRecipe(f"models.{i}", "expected {model: ..., parameters: {...}}")
+        if not isinstance(e.get("parameters") or {}, dict):
+            raise InvalidRecipe(f"models.{i}.parameters", "expected a mapping of parameter names to settings")
+        model = str(e["model"])
+        models.append(model)
+        for g in groups_tensors:
+            entry = layer_params.setdefault((model, g), {})
+            for k, v in (e.get("parameters") or {}).items():
+                entry.setdefault(k, []).append((f"models.{i}.parameters.{k}", v))
+    return models, layer_params
 
 
 def _read_slices(slices: Any, num_layers: int, method: str, base: str | None):
-    """Models and per-(model, group) parameter settings of layer-aligned slices; refuse slices that move layers."""
+    """Models, per-(model, group) settings and per-group t of layer-aligned slices; refuse slices that move layers.
+
+    Embeddings take their settings from the first slice, the final norm and head from the last, as mergekit does.
+    """
     if not isinstance(slices, list) or not slices:
         raise InvalidRecipe("slices", "a non-empty list of {sources: [...]} is required")
     models: list[str] = []
-    layer_params: dict[tuple[str, str], dict[str, list[Any]]] = {}
+    layer_params: dict[tuple[str, str], dict[str, Sources]] = {}
+    ts = {"embed": 0.0, "head": 1.0}
     out_layer = 0
     for i, sl in enumerate(slices):
         sources = sl.get("sources") if isinstance(sl, dict) else None
@@ -224,34 +289,40 @@ def _read_slices(slices: Any, num_layers: int, method: str, base: str | None):
                 "A parameter-space recipe keeps every layer in place; such configs need a layer-path recipe")
         if method == "passthrough" and len(sources) != 1:
             raise InvalidRecipe(f"slices.{i}.sources", "passthrough takes each slice from exactly one model")
-        for s in sources:
+        n = end - start
+        groups = ([f"layers.{layer}" for layer in range(start, end)] + (["embed"] if i == 0 else [])
+                  + (["head"] if i == len(slices) - 1 else []))
+        for layer in range(start, end):
+            ts[f"layers.{layer}"] = (layer - start) / (n - 1) if n > 1 else 1.0
+        for j, s in enumerate(sources):
             model = str(s["model"])
             models.append(model)
-            for layer in range(start, end):
-                entry = layer_params.setdefault((model, f"layers.{layer}"), {})
+            for g in groups:
+                entry = layer_params.setdefault((model, g), {})
                 for k, v in (s.get("parameters") or {}).items():
-                    entry.setdefault(k, []).append(v)
+                    entry.setdefault(k, []).append((f"slices.{i}.sources.{j}.parameters.{k}", v))
                 for k, v in (sl.get("parameters") or {}).items():
-                    entry.setdefault(k, []).append(v)
+                    entry.setdefault(k, []).append((f"slices.{i}.parameters.{k}", v))
         out_layer = end
     if out_layer != num_layers:
         raise InvalidRecipe("slices", f"the slices cover {out_layer} layers, the model has {num_layers}: a merge that "
                                       "changes the layer count is a data-flow merge (layer-path recipe)")
-    return models, layer_params
+    return models, layer_params, ts
 
 
 def _passthrough_weights(layer_params: dict, parents: list[str], group: str, base: str | None) -> list[float]:
     """One-hot weights: the slice's model for a layer; the base (else the first model) for embeddings and head."""
     if group.startswith("layers."):
         owner = next(p for p in parents if (p, group) in layer_params)
-        scale = layer_params[(owner, group)].get("scale", [1.0])[0]
+        scale = layer_params[(owner, group)].get("scale", [(None, 1.0)])[0][1]
     else:
         owner, scale = (base or parents[0]), 1.0
     return [float(scale) if p == owner else 0.0 for p in parents]
 
 
 def to_mergekit(recipe: Recipe, info: ModelInfo) -> dict[str, Any]:
-    """A mergekit config that sets every tensor exactly as `recipe` does (per-group values as gradient + filters)."""
+    """A mergekit config that sets every tensor exactly as `recipe` does: per-layer values as a gradient, one
+    condition per module filter the recipe uses, one exact-name filter per embedding/head tensor."""
     m = METHODS[recipe.method]
     if recipe.method == "passthrough":
         raise InvalidRecipe("method", "passthrough recipes export as mergekit slices only from a layer-path recipe; "
@@ -264,6 +335,7 @@ def to_mergekit(recipe: Recipe, info: ModelInfo) -> dict[str, Any]:
             if clash:
                 raise InvalidRecipe("groups", f"tensor {f} is a substring of {clash[0]}: no mergekit filter can address "
                                               "it alone")
+    filters = list(dict.fromkeys(g.split(".", 2)[2] for g in recipe.groups if g.count(".") >= 2))
 
     def setting(param: str, j: int) -> Any:
         default = m.tensor_params[param]
@@ -272,6 +344,9 @@ def to_mergekit(recipe: Recipe, info: ModelInfo) -> dict[str, Any]:
         if len(set(value.values())) == 1:
             return layers[0]
         conds = [{"filter": name, "value": value[g]} for g, names in fixed.items() for name in names]
+        for f in filters:
+            per_layer = [value.get(f"layers.{i}.{f}", layers[i]) for i in range(num_layers)]
+            conds.append({"filter": f, "value": per_layer[0] if len(set(per_layer)) == 1 else per_layer})
         conds.append({"value": layers[0] if len(set(layers)) == 1 else layers})
         return conds
 
@@ -288,6 +363,8 @@ def to_mergekit(recipe: Recipe, info: ModelInfo) -> dict[str, Any]:
     if params:
         out["parameters"] = params
     out["dtype"] = recipe.dtype
+    if recipe.tokenizer_source:
+        out["tokenizer_source"] = recipe.tokenizer_source
     return out
 
 

@@ -21,7 +21,12 @@ class Recipe:
 
     ``groups`` maps a merge group (``embed``, ``layers.<i>``, ``head``) to its per-parent tensor parameters, e.g.
     ``{"layers.0": {"weight": [0.7, 0.2], "density": [0.9, 0.5]}}``, lists aligned with ``parents``.
+    A layer may be split into module groups ``layers.<i>.<filter>`` (e.g. ``self_attn``, ``mlp``): tensors of layer
+    i whose names contain the filter take that group's values (the first matching group, in the recipe's order), the
+    rest of the layer (its norms) ``layers.<i>``'s.
     ``options`` holds the method's global options (``normalize``, ``rescale``).  ``seed`` fixes DARE's random drops.
+    ``tokenizer_source`` (mergekit's meaning): ``base`` (None: the same), ``union``, or one model's path; it decides
+    the rows of embeddings and head when parents added tokens.
 
     ``path`` (data-flow recipes, method ``passthrough``) is a layer path: ``layers`` lists ``[model, layer]`` per
     position and ``scales`` the factor on the hidden state entering it.  Model indices refer to ``parents``, preceded,
@@ -36,9 +41,13 @@ class Recipe:
     dtype: str = "float32"
     seed: int = 0
     path: dict[str, Any] | None = None
+    tokenizer_source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **asdict(self)}
+        data = {"format": FORMAT, **asdict(self)}
+        if data["tokenizer_source"] is None:
+            del data["tokenizer_source"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -55,8 +64,9 @@ class Recipe:
         path = self.path
         if path and path.get("a"):
             path = {**path, "a": Recipe.from_dict(path["a"]).with_paths_relative_to(directory).to_dict()}
+        tok = self.tokenizer_source
         return Recipe(**{**asdict(self), "base": rel(self.base), "parents": [rel(p) for p in self.parents],
-                         "path": path})
+                         "path": path, "tokenizer_source": tok if tok in (None, "base", "union") else rel(tok)})
 
     def save(self, path: str | Path) -> Path:
         """Write the recipe as YAML, model paths relative to the file so the pair can be moved together."""

@@ -57,7 +57,8 @@ def build_space(cfg: StudyConfig, storage: str | None = None) -> SearchSpace:
         ranges={"weight": Range(ss.weight.low, ss.weight.high), "density": Range(ss.density.low, ss.density.high),
                 "t": Range(ss.t.low, ss.t.high)},
         fixed=dict(ss.fixed), searched_groups=ss.groups, layer_granularity=ss.layer_granularity,
-        options=cfg.merge.options, dtype=cfg.merge.dtype,
+        filters=ss.filters, x0=dict(ss.x0), options=cfg.merge.options, dtype=cfg.merge.dtype,
+        tokenizer_source=cfg.merge.tokenizer_source,
     )
 
 
@@ -110,6 +111,8 @@ class Progress:
 def _signature(cfg: StudyConfig, space: SearchSpace) -> dict:
     sig = {"kind": space.kind, "method": cfg.merge.method, "names": space.names,
            "parents": cfg.models.parents, "base": cfg.models.base, "optimizer": cfg.optimizer.name}
+    if cfg.merge.tokenizer_source:
+        sig["tokenizer_source"] = cfg.merge.tokenizer_source
     if space.kind != "ps":  # a changed model A (its study found a better recipe) is a different study
         sig.update(method="passthrough", a=getattr(space, "a", None))
     return sig

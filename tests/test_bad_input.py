@@ -101,7 +101,7 @@ STUDY_CASES: list[tuple[str, str, Any, list[str]]] = [
     ("inverted weight range", "search_space.weight", {"low": 1.0, "high": 0.0},
      ["search_space.weight", "must not exceed"]),
     ("density above one", "search_space.density", {"low": 0.5, "high": 1.5}, ["search_space", "(0, 1]"]),
-    ("zero layer granularity", "search_space.layer_granularity", 0, ["search_space.layer_granularity"]),
+    ("negative layer granularity", "search_space.layer_granularity", -1, ["search_space.layer_granularity"]),
     ("unknown merge method", "merge.method", "frankenstein", ["merge.method", "allowed: linear"]),
     ("unknown merge option", "merge.options", {"normalise": True}, ["merge", "'normalise'", "normalize"]),
     ("unknown dtype", "merge.dtype", "float8", ["merge.dtype", "float32"]),

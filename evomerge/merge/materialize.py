@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import __version__
 from ..io import (TensorReader, check_compatible, group_order, inspect_model, load_state_dict, model_license,
-                  model_name, tensor_group, write_sharded)
+                  model_name, recipe_groups, tensor_group, write_sharded)
 from ..recipe import Recipe
+from ..vocab import align_state_dicts, check_vocab_compatible, is_vocab_tensor, plan_vocab
 from .methods import (InvalidRecipe, MergeMethod, apply, magnitude_ranks, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
 
@@ -45,6 +46,10 @@ def check_recipe(recipe: Recipe, groups: list[str]) -> MergeMethod:
     for g in groups:
         if g not in recipe.groups:
             raise RecipeMismatch(f"recipe has no values for group {g!r}; groups of this model: {groups}")
+    for g in recipe.groups:
+        if g not in groups and ".".join(g.split(".")[:2]) not in groups:
+            raise RecipeMismatch(f"recipe group {g!r} is not a group of this model ({groups}) nor a module "
+                                 "group layers.<i>.<filter> of one of its layers")
     return method
 
 
@@ -94,16 +99,21 @@ class Materializer:
     """
 
     def __init__(self, base: str | None, parents: list[str], device: torch.device | str = "cpu",
-                 dtype: str = "float32", compile: bool | None = None):
+                 dtype: str = "float32", compile: bool | None = None, tokenizer_source: str | None = None):
         self.base_path = base
         self.parent_paths = list(parents)
         self.device = torch.device(device)
+        self.tokenizer_source = tokenizer_source
         infos = [inspect_model(p) for p in ([base] if base else []) + self.parent_paths]
-        check_compatible(infos)
+        self.vocab = plan_vocab(base, self.parent_paths, tokenizer_source) if tokenizer_source else None
+        (check_vocab_compatible if self.vocab else check_compatible)(infos)
         self.shapes = dict(infos[0].shapes)
         self.groups = sorted({tensor_group(n) for n in self.shapes}, key=group_order)
         parent_sds = [load_state_dict(p, self.device) for p in self.parent_paths]
         base_sd = load_state_dict(base, self.device) if base else None
+        if self.vocab:  # rows permuted into the output vocabulary before any task vector is formed
+            sds = dict(zip(([base] if base else []) + self.parent_paths, ([base_sd] if base else []) + parent_sds))
+            self.shapes.update(align_state_dicts(self.vocab, infos[0], sds))
         self.base: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, torch.Tensor] = {}
         for name in self.shapes:
@@ -115,6 +125,8 @@ class Materializer:
         self.model = AutoModelForCausalLM.from_pretrained(
             base or self.parent_paths[0], dtype=DTYPES[dtype], trust_remote_code=False
         ).to(self.device).eval()
+        if self.vocab and self.model.get_input_embeddings().weight.shape[0] != self.vocab.size:
+            self.model.resize_token_embeddings(self.vocab.size, mean_resizing=False)
         state = self.model.state_dict()
         self._targets = {name: state[name].view(-1) for name in self.shapes}
         self._aux: dict[tuple[str, int | None], dict[str, torch.Tensor]] = {}
@@ -144,6 +156,9 @@ class Materializer:
         """Refuse a recipe that names other models, breaks its method's rules, or leaves a group without values."""
         if list(recipe.parents) != self.parent_paths or recipe.base != self.base_path:
             raise RecipeMismatch("recipe parents/base differ from the models resident in this worker")
+        if (recipe.tokenizer_source or "base") != (self.tokenizer_source or "base"):
+            raise RecipeMismatch(f"recipe tokenizer_source {recipe.tokenizer_source!r} differs from this worker's "
+                                 f"({self.tokenizer_source!r})")
         return check_recipe(recipe, self.groups)
 
     def _kernel(self, method: MergeMethod) -> Callable[..., None]:
@@ -159,10 +174,11 @@ class Materializer:
         n = len(self.parent_paths)
         params = {g: group_params(method, v, n, self.device) for g, v in recipe.groups.items()}
         kernel = self._kernel(method)
+        owner = recipe_groups(self.deltas, recipe.groups)
         for name, deltas in self.deltas.items():
             aux = {kind: self._aux[(kind, recipe.seed if kind == "bits" else None)][name] for kind in method.aux}
             stacked = deltas if method.uses_base or self.base[name] is None else deltas + self.base[name]
-            args = (self._targets[name], method, self.base[name], stacked, params[tensor_group(name)], aux,
+            args = (self._targets[name], method, self.base[name], stacked, params[owner[name]], aux,
                     recipe.options)
             try:
                 kernel(*args)
@@ -186,23 +202,33 @@ def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str 
     device = torch.device(device)
     models = ([recipe.base] if recipe.base else []) + list(recipe.parents)
     infos = [inspect_model(p) for p in models]
-    check_compatible(infos)
-    shapes = infos[0].shapes
+    vocab = plan_vocab(recipe.base, recipe.parents, recipe.tokenizer_source) if recipe.tokenizer_source else None
+    (check_vocab_compatible if vocab else check_compatible)(infos)
+    shapes = dict(infos[0].shapes)
+    rows = {n for n in shapes if vocab and is_vocab_tensor(n, infos[0])}
+    shapes.update({n: (vocab.size, *shapes[n][1:]) for n in rows})
     method = check_recipe(recipe, sorted({tensor_group(n) for n in shapes}, key=group_order))
     base_reader = TensorReader(recipe.base) if recipe.base else None
     readers = [TensorReader(p) for p in recipe.parents]
     n = len(readers)
     params = {g: group_params(method, v, n, device) for g, v in recipe.groups.items()}
+    owner = recipe_groups(shapes, recipe.groups)
     out_dtype = DTYPES[recipe.dtype]
+
+    def read(name: str) -> list[torch.Tensor]:
+        """Base (if any) and parents' tensor; vocabulary matrices in the output vocabulary's rows."""
+        tensors = dict(zip(models, [r.get(name) for r in ([base_reader] if base_reader else []) + readers]))
+        return list((vocab.align(tensors) if name in rows else tensors).values())
 
     @torch.no_grad()
     def produce(name: str) -> torch.Tensor:
-        base = base_reader.get(name).to(device).float().reshape(-1) if base_reader else None
-        stacked = torch.stack([r.get(name).to(device).float().reshape(-1) for r in readers])
+        tensors = [t.to(device).float().reshape(-1) for t in read(name)]
+        base = tensors.pop(0) if base_reader else None
+        stacked = torch.stack(tensors)
         if base is not None and method.uses_base:
             stacked -= base
         aux = prepare_aux(method.aux, name, stacked, shapes[name], recipe.seed)
-        merged = apply(method, base, stacked, params[tensor_group(name)], aux, recipe.options)
+        merged = apply(method, base, stacked, params[owner[name]], aux, recipe.options)
         return merged.to(out_dtype).reshape(shapes[name])
 
     out.mkdir(parents=True, exist_ok=True)
@@ -213,10 +239,12 @@ def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str 
     config = dict(infos[0].config)
     config["dtype"] = recipe.dtype
     config.pop("torch_dtype", None)
+    if vocab:
+        config["vocab_size"] = vocab.size
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if (source / "generation_config.json").is_file():
         shutil.copy(source / "generation_config.json", out / "generation_config.json")
-    AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(out)
+    (vocab.tokenizer if vocab else AutoTokenizer.from_pretrained(source, trust_remote_code=False)).save_pretrained(out)
     recipe.save(out / "recipe.yaml")
     (out / "README.md").write_text(model_card(recipe, out))
     return out

@@ -1,9 +1,12 @@
 """Parameter space (ps): per merge group and parent, the method's searched parameters: weight and density where the
 method has them, slerp's t.  Parameters not searched (della's epsilon, breadcrumbs' gamma) take fixed values.
 
-Groups are the model's embeddings, its decoder layers (one group per `layer_granularity` layers) and its head
-(final norm and LM head).  Groups a preset does not search take the preset's fixed values, so a 2-parent, 32-layer,
-weight-only preset over layers alone is the 64-dimensional space of the literature.
+Groups are the model's embeddings, its decoder layers (one group per `layer_granularity` layers; 0: all layers one
+group, as mergekit-evolve) and its head (final norm and LM head).  With `filters` (``["self_attn", "mlp"]`` for
+granularity ``module``; any tensor-name substrings, as mergekit-evolve's ``filters``) each layer group is searched
+once per filter plus once for the rest, so a layer's attention, MLP and norms get their own values.  Groups a preset
+does not search take the preset's fixed values, so a 2-parent, 32-layer, weight-only preset over layers alone is the
+64-dimensional space of the literature.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ class ParameterSpace(SearchSpace):
 
     def __init__(self, *, method: str, parents: list[str], base: str | None, num_layers: int,
                  ranges: dict[str, Range], fixed: dict[str, float], searched_groups: Sequence[str] = ("embed", "layers", "head"),
-                 layer_granularity: int = 1, options: dict | None = None, dtype: str = "float32"):
+                 layer_granularity: int = 1, filters: Sequence[str] = (), x0: dict[str, float] | None = None,
+                 options: dict | None = None, dtype: str = "float32", tokenizer_source: str | None = None):
         self.method = get_method(method)
         self.parents = list(parents)
         self.base = base
@@ -38,7 +42,10 @@ class ParameterSpace(SearchSpace):
         self.ranges = {p: r for p, r in ranges.items() if p in self.method.tensor_params}
         self.fixed = fixed
         self.searched = set(searched_groups)
-        self.granularity = layer_granularity
+        self.granularity = layer_granularity or num_layers
+        self.filters = list(filters)
+        self.start = dict(x0 or {})
+        self.tokenizer_source = tokenizer_source
         self.options = dict(options or {})
         self.dtype = dtype
         self._blocks = self._make_blocks()
@@ -57,6 +64,8 @@ class ParameterSpace(SearchSpace):
             stop = min(start + self.granularity, self.num_layers)
             name = f"layers.{start}" if stop - start == 1 else f"layers.{start}-{stop - 1}"
             blocks[name] = [f"layers.{i}" for i in range(start, stop)]
+            for f in self.filters:
+                blocks[f"{name}.{f}"] = [f"layers.{i}.{f}" for i in range(start, stop)]
         blocks["head"] = ["head"]
         return blocks
 
@@ -66,6 +75,17 @@ class ParameterSpace(SearchSpace):
     @property
     def names(self) -> list[str]:
         return self._names
+
+    def x0(self) -> list[float]:
+        """The centre of the cube, or where `x0` puts a parameter (in its own units, e.g. mergekit-evolve's weight
+        1/n and density 1), mapped into the cube."""
+        def unit(param: str) -> float:
+            r = self.ranges[param]
+            if param not in self.start or r.high == r.low:
+                return 0.5
+            return min(max((self.start[param] - r.low) / (r.high - r.low), 0.0), 1.0)
+
+        return [unit(name.split("/")[1]) for name in self._names]
 
     def decode(self, genome: Sequence[float], seed: int = 0) -> Recipe:
         if len(genome) != self.dimension:
@@ -80,7 +100,7 @@ class ParameterSpace(SearchSpace):
             for m in members:
                 groups[m] = {p: list(v) for p, v in values.items()}
         return Recipe(method=self.method.name, parents=self.parents, base=self.base, groups=groups,
-                      options=self.options, dtype=self.dtype, seed=seed)
+                      options=self.options, dtype=self.dtype, seed=seed, tokenizer_source=self.tokenizer_source)
 
     def _fixed(self, param: str) -> float:
         """A value for a parameter this space does not search: the preset's, else the method's default."""
@@ -97,4 +117,4 @@ class ParameterSpace(SearchSpace):
         n = len(self.parents)
         groups = {m: {p: [v] * n for p, v in values.items()} for ms in self._blocks.values() for m in ms}
         return Recipe(method=self.method.name, parents=self.parents, base=self.base, groups=groups,
-                      options=self.options, dtype=self.dtype, seed=seed)
+                      options=self.options, dtype=self.dtype, seed=seed, tokenizer_source=self.tokenizer_source)
