@@ -354,10 +354,7 @@ class Fitness:
         if shots is not None and leaf.get_config("num_fewshot") != 0:
             leaf.set_config(key="num_fewshot", value=shots)
             leaf.set_fewshot_seed(seed=FEWSHOT_SEED)
-        gen = self.config.option(t, "gen_kwargs")
-        if t.gen_kwargs and leaf.get_config("output_type") != "generate_until":
-            raise FitnessError(f"fitness.tasks.{t.task}.gen_kwargs: task {leaf.config.task!r} is "
-                               f"{leaf.get_config('output_type')}, not generate_until: it generates nothing")
+        gen = self.config.option(t, "gen_kwargs")  # a task's own on a non-generating task: refused by check_metrics
         if gen and leaf.get_config("output_type") == "generate_until":  # the study's: generating tasks, as lm-eval
             leaf.set_config(key="generation_kwargs", value=gen, update=True)
 
