@@ -36,34 +36,54 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .executors import ExecutorError
     from .io import ModelFilesError
     from .merge import RecipeMismatch
+    from .merge.plan import MemoryPlanError
     from .study import StorageError, StudyMismatch
 
     return (ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError, StorageError,
-            ExecutorError)
+            ExecutorError, MemoryPlanError)
 
 
 def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str] = None) -> None:
     """Print a user error and exit 2; errors found past the study file get its name and field in front."""
     from .fitness import FitnessError
     from .merge import RecipeMismatch
+    from .merge.plan import MemoryPlanError
     from .study import StorageError, StudyMismatch
 
     msg = str(e)
     if isinstance(e, StorageError):
         msg = f"{'--storage' if storage else f'{study_file}: storage'}: {msg}"
+    elif isinstance(e, MemoryPlanError) and study_file:
+        msg = f"{study_file}: worker: {msg}"
     elif isinstance(e, (FitnessError, StudyMismatch, RecipeMismatch)) and study_file:
         msg = f"{study_file}: {msg}"
     err.print(Text.assemble(("error: ", "bold red"), msg), highlight=False, soft_wrap=True)  # msg is not markup
     raise typer.Exit(2)
 
 
-def _load(study_file: Path):
+def _load(study_file: Path, device_memory: Optional[float] = None, download: bool = True):
     from .config import load_study
 
     try:
-        return load_study(study_file)
+        cfg = load_study(study_file, download=download)
     except _user_errors() as e:
         _fail(e)
+    if device_memory is not None:
+        cfg.worker.device_memory = device_memory
+    return cfg
+
+
+def _print_plan(cfg, study_file: Path) -> None:
+    """The worker's memory plan on this machine's device (before anything loads); exit 2 when nothing fits."""
+    from .io import pick_device
+    from .merge.plan import study_plan
+
+    try:
+        plan = study_plan(cfg, pick_device(cfg.device))
+    except _user_errors() as e:
+        _fail(e, study_file)
+    if plan is not None:
+        out.print(plan.describe(), highlight=False)
 
 
 def _open_study(study_file: Path, storage: Optional[str]):
@@ -90,27 +110,30 @@ def run(
     budget: Optional[int] = typer.Option(None, "--budget", min=1, help="number of trials (overrides the file)"),
     storage: Optional[str] = StorageOpt,
     check: bool = typer.Option(False, "--check", help="validate the study file offline (no download, no DB) and exit"),
+    device_memory: Optional[float] = typer.Option(None, "--device-memory", min=0.001,
+                                                  help="GB a worker may use on its device (overrides worker.device_memory)"),
 ) -> None:
     """Run (or resume) a study until its budget of trials is reached, then print the test-split table."""
     from .config import safe_url
     from .study import Study, trial_value
 
     if check:
-        _check(study_file)
+        _check(study_file, device_memory)
         return
-    cfg = _load(study_file)
+    cfg = _load(study_file, device_memory)
     study = None
     try:  # whatever ends the run (done, a bad input, Ctrl-C), the executor's workers are shut down
         try:
-            study = Study(cfg, storage)
+            study = Study(cfg, storage)  # the DB first: reachable, and the stored setup this file's
             out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
+            study.check_compatible()
             method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
             out.print(f"search space {study.space.kind} ({method}): dimension {study.space.dimension}")
+            _print_plan(cfg, study_file)
             if cfg.executor.name == "ray":
                 address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
                 out.print(f"executor ray at {address}")
-            study.executor.start()  # loads parents and tasks: every input error surfaces before the DB is touched
-            study.check_compatible()
+            study.executor.start()  # loads parents and tasks; nothing is written to the DB before this succeeds
         except _user_errors() as e:
             _fail(e, study_file, storage)
         total = budget or cfg.budget
@@ -137,14 +160,13 @@ def run(
             study.executor.close()
 
 
-def _check(study_file: Path) -> None:
+def _check(study_file: Path, device_memory: Optional[float] = None) -> None:
     """Everything that can be checked without downloading models or data, and a list of what was not."""
-    from .config import load_study
     from .fitness import FitnessError, check_tasks
     from .io import check_compatible, inspect_model
 
+    cfg = _load(study_file, device_memory, download=False)
     try:
-        cfg = load_study(study_file, download=False)
         models = [m for m in [cfg.models.base, *cfg.models.parents] if m]
         local = [m for m in models if Path(m).is_dir()]
         if len(local) == len(models):
@@ -162,6 +184,7 @@ def _check(study_file: Path) -> None:
         out.print(f"  model {m}: Hub id, syntax only (existence, architecture and tokenizer not checked offline)")
     for n in notes:
         out.print(f"  {n}")
+    _print_plan(cfg, study_file)
 
 
 def _fmt(v: Optional[float]) -> str:

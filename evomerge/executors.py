@@ -23,6 +23,7 @@ from .dataflow import Dataflow
 from .fitness import Fitness, Score
 from .io import pick_device
 from .merge import Materializer
+from .merge.plan import study_plan
 from .recipe import Recipe
 
 
@@ -51,10 +52,12 @@ class Worker:
         self.materializer: Materializer | None = None
         self.dataflow: Dataflow | None = None
         if cfg.search_space.kind == "ps":
-            self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype)
+            plan = study_plan(cfg, self.device)
+            self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype,
+                                             mode=plan.mode if plan else "resident")
             model = self.materializer.model
         else:  # data-flow recipes run as paths over resident sources; the shell is what lm-eval wraps
-            self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.merge.dtype)
+            self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.candidate_dtype())
             model = self.dataflow.model
         tokenizer = AutoTokenizer.from_pretrained(cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
         model.register_forward_hook(_refuse_non_finite_logits)  # the model object every candidate runs through

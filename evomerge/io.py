@@ -98,6 +98,30 @@ def inspect_model(path: str | Path) -> ModelInfo:
     return ModelInfo(path=path, config=config, shapes=shapes)
 
 
+_HEADER_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2), "F64": ("float32", 8)}  # merged in fp32 either way
+
+
+def stored_size(path: str | Path) -> tuple[int, int, str]:
+    """(parameters, bytes, dtype most parameters are stored in) of a local model directory, from its headers only."""
+    params = size = 0
+    by_dtype: dict[str, int] = {}
+    for f in weight_files(Path(path)):
+        if f.suffix != ".safetensors":
+            n = sum(v.numel() for v in _load_bin(f).values())
+            params, size, by_dtype["float32"] = params + n, size + 4 * n, by_dtype.get("float32", 0) + n
+            continue
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    n = math.prod(sl.get_shape())
+                    name, width = _HEADER_DTYPES.get(sl.get_dtype(), ("float32", 4))
+                    params, size, by_dtype[name] = params + n, size + width * n, by_dtype.get(name, 0) + n
+        except Exception as e:  # safetensors raises several types for a corrupt header
+            raise ModelFilesError(f"{f}: not a readable safetensors file ({e})") from e
+    return params, size, max(by_dtype, key=by_dtype.get) if by_dtype else "float32"
+
+
 def _load_bin(f: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)

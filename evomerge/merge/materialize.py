@@ -25,14 +25,14 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import __version__
-from ..io import check_compatible, group_order, inspect_model, model_license, tensor_group, write_sharded
+from ..io import (check_compatible, group_order, inspect_model, model_license, stored_size, tensor_group,
+                  write_sharded)
 from ..recipe import Recipe
 from .methods import (InvalidRecipe, MergeMethod, apply, keep_from_keys, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
 from .parents import MagnitudeIndex, ParentStore, row_chunks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 COMPILE_MIN_PARAMS = 50_000_000
 
 
@@ -173,7 +173,7 @@ class Materializer(Merger):
     def __init__(self, base: str | None, parents: list[str], device: torch.device | str = "cpu",
                  dtype: str | None = None, compile: bool | None = None, mode: str = "resident"):
         super().__init__(base, parents, device, mode, compile)
-        self.dtype = dtype or DTYPE_NAMES.get(self.store.dtype(), "float32")
+        self.dtype = dtype or stored_size(base or self.parent_paths[0])[2]
         self.model = AutoModelForCausalLM.from_pretrained(
             base or self.parent_paths[0], dtype=DTYPES[self.dtype], trust_remote_code=False
         ).to(self.device).eval()

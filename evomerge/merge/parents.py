@@ -11,7 +11,8 @@ difference between the two modes:
 
 Magnitude selections (TIES, breadcrumbs) need the value of the k-th largest |parent − base| of a tensor for a density
 only known per candidate.  `MagnitudeIndex` keeps a sorted sample of |delta| per tensor and parent (≤ 1/64 of its
-entries in fp32: ≤ 0.0625 byte/param) that brackets the k-th value; one pass over the chunks then finds it exactly,
+entries in fp32: 0.0625 byte/param) that brackets the k-th value within a few standard errors of a quantile (about
+1% of the entries for a 1M-entry tensor); one pass over the chunks then finds it exactly,
 with mergekit's top-k count and its tie order (equal magnitudes kept from the highest position down, as a stable
 ascending argsort ranks them).
 """
@@ -30,7 +31,6 @@ from ..io import ModelFilesError, TensorReader, weight_files
 
 CHUNK = 1 << 20
 SAMPLE_FRACTION = 64
-SAMPLE_MAX = 4096
 _ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -107,9 +107,6 @@ class ParentStore:
         self._maps, self._stager = [], None
         del maps
 
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.models[-1].values())).dtype
-
     def chunks(self, name: str, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, Tensor | None, list[Tensor]]]:
         """(start, end, base chunk or None, parent chunks), flattened, on the device, in the stored dtype."""
         views = [m[name] for m in self.models]
@@ -174,8 +171,8 @@ class MagnitudeIndex:
         self.samples: dict[str, Tensor] = {}
         for name, shape in shapes.items():
             m = math.prod(shape)
-            s = max(1, min(SAMPLE_MAX, m // SAMPLE_FRACTION))
-            idx = torch.linspace(0, m - 1, s).round().long()
+            s = max(1, m // SAMPLE_FRACTION)
+            idx = torch.arange(s) * (m - 1) // max(s - 1, 1)  # evenly spaced, integer arithmetic (exact)
             views = [mm[name] for mm in store.models]
             b = views[0][idx.to(views[0].device)].float()
             self.samples[name] = torch.stack([(p[idx.to(p.device)].float() - b).abs() for p in views[1:]]).sort(
@@ -194,21 +191,21 @@ class MagnitudeIndex:
         values[ranks >= m] = math.inf
         todo = [(i, j, int(ranks[i, j])) for i in range(n) for j in range(t) if 0 < ranks[i, j] < m]
         sample = self.samples[name].cpu()
-        brackets = {}
-        for i, j, r in todo:
-            q = r * sample.shape[1] // m
-            lo = float(sample[i, q - 2]) if q >= 2 else -1.0
-            hi = float(sample[i, q + 2]) if q + 2 < sample.shape[1] else math.inf
-            brackets[(i, j)] = (lo, hi)
-        for _ in range(2):  # a sample that misses its bracket is widened once to the whole range
+        size = sample.shape[1]
+        widen = 1
+        while todo:  # a sample that misses its bracket (a rare draw) is searched again with a wider one
+            brackets = {}
+            for i, j, r in todo:
+                q = r * size // m
+                half = widen * (math.ceil(4 * math.sqrt(q * (size - q) / size)) + 2)  # 4 sigma of a quantile's rank
+                lo = float(sample[i, q - half]) if q >= half else -1.0
+                hi = float(sample[i, q + half]) if q + half < size else math.inf
+                brackets[(i, j)] = (lo, hi)
             found = self._select(name, shape, todo, brackets)
-            missed = [(i, j, r) for i, j, r in todo if (i, j) not in found]
             for (i, j), (v, p) in found.items():
                 values[i, j], positions[i, j] = v, p
-            if not missed:
-                break
-            todo = missed
-            brackets = {(i, j): (-1.0, math.inf) for i, j, _ in missed}
+            todo = [(i, j, r) for i, j, r in todo if (i, j) not in found]
+            widen *= 8
         return values.to(self.store.device), positions.to(self.store.device)
 
     def _select(self, name: str, shape: tuple[int, ...], todo: list[tuple[int, int, int]],

@@ -18,13 +18,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..io import inspect_model
+from ..io import inspect_model, stored_size
 from .parents import CHUNK, SAMPLE_FRACTION
 
-_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2, "F64": 8}
+if TYPE_CHECKING:
+    from ..config import StudyConfig
+
+_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 WORKSPACE_TEMPS = 8  # fp32 [N+1, chunk] temporaries alive at once in the eager kernel, measured upper bound
 FORWARD_TOKENS = 1024  # sequence length assumed for the forward-pass estimate
 
@@ -64,31 +68,6 @@ class MemoryPlan:
                 f"{gb(self.device_bytes)} of {gb(self.budget_bytes)} ({parts})")
 
 
-def stored_bytes(path: str | Path) -> tuple[int, int, str]:
-    """(parameters, bytes, dtype of the largest tensors) of a local model directory, from its headers."""
-    from safetensors import safe_open
-
-    from ..io import weight_files
-
-    params = size = 0
-    by_dtype: dict[str, int] = {}
-    for f in weight_files(Path(path)):
-        if f.suffix != ".safetensors":
-            info = inspect_model(path)
-            n = sum(math.prod(s) for s in info.shapes.values())
-            return n, 4 * n, "float32"
-        with safe_open(f, framework="pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k)
-                n = math.prod(sl.get_shape())
-                dt = sl.get_dtype()
-                params += n
-                size += n * _SIZES.get(dt, 4)
-                by_dtype[dt] = by_dtype.get(dt, 0) + n
-    main = max(by_dtype, key=by_dtype.get) if by_dtype else "F32"
-    return params, size, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(main, "float32")
-
-
 def device_budget(device: torch.device) -> int:
     """Free memory of the device: CUDA's free bytes, or the host's MemAvailable on CPU."""
     if device.type == "cuda":
@@ -104,7 +83,7 @@ def plan_memory(base: str | None, parents: list[str], device: torch.device, *, m
                 batch_size: int = 1) -> MemoryPlan:
     """The worker's memory plan for these (local) models; raises `MemoryPlanError` when nothing fits."""
     models = ([base] if base else []) + list(parents)
-    sizes = [stored_bytes(m) for m in models]
+    sizes = [stored_size(m) for m in models]
     params, _, stored_dtype = sizes[0]
     info = inspect_model(models[0])
     largest = max(math.prod(s) for s in info.shapes.values())
@@ -124,6 +103,8 @@ def plan_memory(base: str | None, parents: list[str], device: torch.device, *, m
     streaming = MemoryPlan(mode="streaming", **common)
     if prefer == "resident" and resident.device_bytes > budget:
         raise MemoryPlanError(_refusal(resident, streaming, "worker.parents: resident"))
+    if prefer == "streaming" and streaming.device_bytes > budget:
+        raise MemoryPlanError(_refusal(resident, streaming, None))
     if prefer == "resident" or (prefer == "auto" and resident.device_bytes <= budget):
         return resident
     if streaming.device_bytes > budget:
@@ -172,3 +153,21 @@ class AnonPeak:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_anon())
+
+
+def study_plan(cfg: StudyConfig, device: torch.device) -> MemoryPlan | None:
+    """The memory plan of one worker of a parameter-space study on `device` (``worker`` section of the study).
+
+    None for data-flow studies (their engine keeps the sources resident, unchanged) and for models given as Hub ids
+    that are not downloaded (``run --check`` reads no network)."""
+    from .methods import METHODS
+
+    models = [m for m in [cfg.models.base, *cfg.models.parents] if m]
+    if cfg.search_space.kind != "ps" or not all(Path(m).is_dir() for m in models):
+        return None
+    w = cfg.worker
+    return plan_memory(cfg.models.base, cfg.models.parents, device,
+                       method_selects=METHODS[cfg.merge.method].select is not None, candidate_dtype=cfg.merge.dtype,
+                       prefer={"host": "streaming"}.get(w.parents, w.parents),
+                       budget_bytes=None if w.device_memory is None else int(w.device_memory * 1e9),
+                       batch_size=cfg.fitness.batch_size)
