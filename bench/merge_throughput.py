@@ -74,6 +74,8 @@ def child(args: argparse.Namespace) -> None:
     from evomerge.recipe import Recipe
 
     torch.ones(4) + torch.ones(4)
+    if not args.eager:  # the compiler's own code and caches are the process's, not the model's: load them first
+        torch.compile(lambda x: x * 2, dynamic=True)(torch.ones(8))
     parents = args.parent_paths.split(",")
     baseline = rss_anon()
     with AnonPeak() as peak:

@@ -9,9 +9,12 @@ Export runs the same function over mapped parents, so an exported recipe is exac
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
+import sys
 import shutil
 import time
 import types
@@ -34,6 +37,14 @@ from .parents import MagnitudeIndex, ParentStore, row_chunks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MIN_PARAMS = 50_000_000
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS: glibc keeps freed chunk buffers (a few MB each, above its dynamic
+    mmap threshold) in its arenas, where they would count as the worker's memory between candidates."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 class RecipeMismatch(ValueError):
@@ -121,7 +132,7 @@ class Merger:
         t0 = time.perf_counter()
         if method.select is not None and self.index is None:
             with torch.no_grad():
-                self.index = MagnitudeIndex(self.store, self.shapes)
+                self.index = MagnitudeIndex(self.store, self.shapes, self.compile)
         return time.perf_counter() - t0
 
     def _kernel(self, method: MergeMethod) -> Callable[..., None]:
@@ -151,6 +162,8 @@ class Merger:
             seeds = tensor_seeds(recipe.seed, name, n, self.device) if method.random else None
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, whole)):
                 self._run(method, (out[s:e], method, b, ps, p, keys, seeds, s, shape, options))
+        if self.device.type == "cpu":
+            release_freed_memory()
 
     def _run(self, method: MergeMethod, args: tuple) -> None:
         kernel = self._kernel(method)

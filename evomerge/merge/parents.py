@@ -163,11 +163,21 @@ class _Stager:
         return (s, e, parts[0], parts[1:]) if has_base else (s, e, None, parts)
 
 
+def _count_brackets(parents: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """For one chunk: per parent and bracket [lo, hi] ([N, T]) the entries whose |delta| is above it, and the mask
+    [N, L] of entries inside any of a parent's brackets; one fused pass when compiled."""
+    a = (torch.stack([p.float() for p in parents]) - base.float()).abs()[:, None, :]
+    above = (a > hi[:, :, None]).sum(-1)
+    inside = ((a >= lo[:, :, None]) & (a <= hi[:, :, None])).any(1)
+    return above, inside
+
+
 class MagnitudeIndex:
     """Per tensor and parent, a sorted sample of |parent − base| that brackets any rank's value (see module doc)."""
 
-    def __init__(self, store: ParentStore, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, store: ParentStore, shapes: dict[str, tuple[int, ...]], compile: bool = False):
         self.store = store
+        self._count = torch.compile(_count_brackets, dynamic=True) if compile else _count_brackets
         self.samples: dict[str, Tensor] = {}
         for name, shape in shapes.items():
             m = math.prod(shape)
@@ -213,19 +223,24 @@ class MagnitudeIndex:
         """One pass over the tensor: entries above each bracket counted, entries inside it kept (values only)."""
         m = math.prod(shape)
         ranges = row_chunks(shape)
-        above = {key: 0 for key in brackets}
+        n, t = len(self.store.models) - 1, 1 + max(j for _, j, _ in todo)
+        lo, hi = torch.full((n, t), math.inf), torch.full((n, t), -math.inf)  # empty where nothing is searched
+        for (i, j), (low, high) in brackets.items():
+            lo[i, j], hi[i, j] = low, high
+        lo, hi = lo.to(self.store.device), hi.to(self.store.device)
+        above = torch.zeros((n, t), dtype=torch.int64, device=self.store.device)
         inside: dict[tuple[int, int], list[Tensor]] = {key: [] for key in brackets}
-        parents = sorted({i for i, _, _ in todo})
         with torch.no_grad():
             for s, e, b, ps in self.store.chunks(name, ranges):
-                bf = b.float()
-                for i in parents:
-                    a = (ps[i].float() - bf).abs_()
-                    for (pi, j), (lo, hi) in brackets.items():
-                        if pi != i:
-                            continue
-                        above[(i, j)] += int((a > hi).sum())
-                        inside[(i, j)].append(a[(a >= lo) & (a <= hi)])
+                counts, mask = self._count(ps, b, lo, hi)
+                above += counts
+                for i in sorted({i for i, _ in brackets}):
+                    at = mask[i].nonzero().squeeze(1)
+                    a = (ps[i][at].float() - b[at].float()).abs_()
+                    for (pi, j), (low, high) in brackets.items():
+                        if pi == i:
+                            inside[(i, j)].append(a[(a >= low) & (a <= high)])
+        above = {key: int(above[key]) for key in brackets}
         found = {}
         for i, j, r in todo:
             vals = inside[(i, j)]
