@@ -12,7 +12,7 @@ from evomerge.io import load_state_dict, tensor_group, write_sharded
 from evomerge.merge import Materializer, write_model
 from evomerge.merge.materialize import group_params
 from evomerge.merge.methods import METHODS, apply, magnitude_keep
-from evomerge.merge.parents import CHUNK
+from evomerge.merge.parents import CPU_CHUNK
 from evomerge.recipe import Recipe
 
 PARAMS = {
@@ -47,7 +47,7 @@ def bf16_zoo(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("bf16")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
               "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "vocab_size": (2 * CHUNK + 4096) // 128, "max_position_embeddings": 64, "tie_word_embeddings": False,
+              "vocab_size": (2 * CPU_CHUNK + 4096) // 128, "max_position_embeddings": 64, "tie_word_embeddings": False,
               "dtype": "bfloat16"}
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(LlamaConfig(**config)).state_dict().items()}

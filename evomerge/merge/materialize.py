@@ -160,7 +160,7 @@ class Merger:
                 lo, hi = method.select(m, p["density"].cpu(), p.get("gamma", p["density"]).cpu())
                 keys = self.index.keys(name, shape, torch.stack([lo, hi], 1))
             seeds = tensor_seeds(recipe.seed, name, n, self.device) if method.random else None
-            for s, e, b, ps in self.store.chunks(name, row_chunks(shape, whole)):
+            for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
                 self._run(method, (out[s:e], method, b, ps, p, keys, seeds, s, shape, options))
         if self.device.type == "cpu":
             release_freed_memory()

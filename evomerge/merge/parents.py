@@ -1,7 +1,8 @@
 """The parents of a merge at their stored size: resident on the device, or mapped from their files and streamed.
 
-A merge works on one tensor at a time, in chunks of whole rows (``CHUNK`` elements at most), so what it allocates
-besides the candidate is a few chunks × (N + 1), whatever the model's size.  Where the parents live is the only
+A merge works on one tensor at a time, in chunks of whole rows (`chunk_size` elements: 2^18 on CPU, where eager
+temporaries of 2^20 cost about 1 byte/param of a 100M model at the peak; 2^22 on CUDA, where launches cost more than
+memory), so what it allocates besides the candidate is a few chunks × (N + 1), whatever the model's size.  Where the parents live is the only
 difference between the two modes:
 
 * ``resident`` — each tensor copied once to the device in the dtype its file holds (bf16 stays bf16);
@@ -29,7 +30,11 @@ from torch import Tensor
 
 from ..io import ModelFilesError, TensorReader, weight_files
 
-CHUNK = 1 << 20
+CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 22
+
+
+def chunk_size(device: torch.device) -> int:
+    return CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
 SAMPLE_FRACTION = 64
 _ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -79,13 +84,13 @@ class MappedModel:
         return out
 
 
-def row_chunks(shape: tuple[int, ...], whole: bool = False) -> list[tuple[int, int]]:
-    """Flat [start, end) ranges of whole rows, about ``CHUNK`` elements each (the whole tensor when `whole`)."""
+def row_chunks(shape: tuple[int, ...], chunk: int, whole: bool = False) -> list[tuple[int, int]]:
+    """Flat [start, end) ranges of whole rows, about `chunk` elements each (the whole tensor when `whole`)."""
     m = math.prod(shape)
-    if whole or m <= CHUNK or len(shape) < 2:
+    if whole or m <= chunk or len(shape) < 2:
         return [(0, m)]
     cols = shape[-1]
-    step = max(1, CHUNK // cols) * cols
+    step = max(1, chunk // cols) * cols
     return [(s, min(s + step, m)) for s in range(0, m, step)]
 
 
@@ -94,13 +99,14 @@ class ParentStore:
 
     def __init__(self, base: str | None, parents: list[str], device: torch.device, mode: str = "resident"):
         self.device, self.mode = device, mode
+        self.chunk = chunk_size(device)
         self.has_base = base is not None
         paths = ([base] if base else []) + list(parents)
         maps = [MappedModel(p) for p in paths]
         if mode == "streaming":
             self.models = [m.views for m in maps]
             self._maps = maps
-            self._stager = _Stager(device, len(paths)) if device.type == "cuda" else None
+            self._stager = _Stager(device, len(paths), self.chunk) if device.type == "cuda" else None
             return
         # one tensor of one model at a time: a parent is never held twice, and the maps are dropped once copied
         self.models = [{k: torch.empty_like(v, device=device).copy_(v) for k, v in m.views.items()} for m in maps]
@@ -122,14 +128,14 @@ class _Stager:
     """Host-to-CUDA streaming: chunks copied into pinned buffers, then to the device on a side stream, one chunk ahead
     of the merge, so the copy of chunk i+1 overlaps the kernel of chunk i."""
 
-    def __init__(self, device: torch.device, n_models: int):
-        self.device, self.n = device, n_models
+    def __init__(self, device: torch.device, n_models: int, chunk: int):
+        self.device, self.n, self.chunk = device, n_models, chunk
         self.stream = torch.cuda.Stream(device)
         self.pinned: dict[torch.dtype, list[Tensor]] = {}
 
     def _buffers(self, dtype: torch.dtype) -> list[Tensor]:
         if dtype not in self.pinned:  # two slots (current, next) × models
-            self.pinned[dtype] = [torch.empty(CHUNK * 2, dtype=dtype, pin_memory=True) for _ in range(2 * self.n)]
+            self.pinned[dtype] = [torch.empty(self.chunk * 2, dtype=dtype, pin_memory=True) for _ in range(2 * self.n)]
         return self.pinned[dtype]
 
     def stream(self, views: list[Tensor], ranges: list[tuple[int, int]], has_base: bool):
@@ -143,7 +149,7 @@ class _Stager:
             with torch.cuda.stream(self.stream):
                 parts = []
                 for i, v in enumerate(views):
-                    host = (bufs[2 * i + slot % 2][: e - s] if e - s <= CHUNK * 2 else torch.empty(
+                    host = (bufs[2 * i + slot % 2][: e - s] if e - s <= self.chunk * 2 else torch.empty(
                         e - s, dtype=v.dtype, pin_memory=True))
                     host.copy_(v[s:e])
                     parts.append(host.to(self.device, non_blocking=True))
@@ -163,13 +169,13 @@ class _Stager:
         return (s, e, parts[0], parts[1:]) if has_base else (s, e, None, parts)
 
 
-def _count_brackets(parents: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """For one chunk: per parent and bracket [lo, hi] ([N, T]) the entries whose |delta| is above it, and the mask
-    [N, L] of entries inside any of a parent's brackets; one fused pass when compiled."""
+def _count_brackets(parents: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For one chunk: per parent and bracket [lo, hi] ([N, T]) the entries whose |delta| is above it and inside it,
+    and the mask [N, L] of entries inside any of a parent's brackets; one fused pass when compiled."""
     a = (torch.stack([p.float() for p in parents]) - base.float()).abs()[:, None, :]
     above = (a > hi[:, :, None]).sum(-1)
-    inside = ((a >= lo[:, :, None]) & (a <= hi[:, :, None])).any(1)
-    return above, inside
+    within = (a >= lo[:, :, None]) & (a <= hi[:, :, None])
+    return above, within.sum(-1), within.any(1)
 
 
 class MagnitudeIndex:
@@ -202,55 +208,68 @@ class MagnitudeIndex:
         todo = [(i, j, int(ranks[i, j])) for i in range(n) for j in range(t) if 0 < ranks[i, j] < m]
         sample = self.samples[name].cpu()
         size = sample.shape[1]
-        widen = 1
+        attempt = 0
         while todo:  # a sample that misses its bracket (a rare draw) is searched again with a wider one
             brackets = {}
             for i, j, r in todo:
                 q = r * size // m
+                widen = 8 ** max(attempt - 1, 0)
                 half = widen * (math.ceil(4 * math.sqrt(q * (size - q) / size)) + 2)  # 4 sigma of a quantile's rank
                 lo = float(sample[i, q - half]) if q >= half else -1.0
                 hi = float(sample[i, q + half]) if q + half < size else math.inf
+                if attempt == 0 and 0 < q < size - 1 and sample[i, q - 1] == sample[i, q + 1]:
+                    lo = hi = float(sample[i, q])  # a tie group spans the quantile (bf16 deltas): count, don't gather
                 brackets[(i, j)] = (lo, hi)
             found = self._select(name, shape, todo, brackets)
             for (i, j), (v, p) in found.items():
                 values[i, j], positions[i, j] = v, p
             todo = [(i, j, r) for i, j, r in todo if (i, j) not in found]
-            widen *= 8
+            attempt += 1
         return values.to(self.store.device), positions.to(self.store.device)
 
     def _select(self, name: str, shape: tuple[int, ...], todo: list[tuple[int, int, int]],
                 brackets: dict[tuple[int, int], tuple[float, float]]) -> dict[tuple[int, int], tuple[float, int]]:
         """One pass over the tensor: entries above each bracket counted, entries inside it kept (values only)."""
         m = math.prod(shape)
-        ranges = row_chunks(shape)
+        ranges = row_chunks(shape, self.store.chunk)
         n, t = len(self.store.models) - 1, 1 + max(j for _, j, _ in todo)
         lo, hi = torch.full((n, t), math.inf), torch.full((n, t), -math.inf)  # empty where nothing is searched
         for (i, j), (low, high) in brackets.items():
             lo[i, j], hi[i, j] = low, high
         lo, hi = lo.to(self.store.device), hi.to(self.store.device)
         above = torch.zeros((n, t), dtype=torch.int64, device=self.store.device)
-        inside: dict[tuple[int, int], list[Tensor]] = {key: [] for key in brackets}
+        # per bracket and chunk: the values inside it, or only their count for a one-value bracket (all equal to it)
+        inside: dict[tuple[int, int], list[Tensor | int]] = {key: [] for key in brackets}
+        gather = sorted({i for (i, _), (low, high) in brackets.items() if low < high})
         with torch.no_grad():
             for s, e, b, ps in self.store.chunks(name, ranges):
-                counts, mask = self._count(ps, b, lo, hi)
+                counts, within, mask = self._count(ps, b, lo, hi)
                 above += counts
-                for i in sorted({i for i, _ in brackets}):
+                within = within.cpu()
+                for (i, j), (low, high) in brackets.items():
+                    if low == high:
+                        inside[(i, j)].append(int(within[i, j]))
+                for i in gather:
                     at = mask[i].nonzero().squeeze(1)
                     a = (ps[i][at].float() - b[at].float()).abs_()
                     for (pi, j), (low, high) in brackets.items():
-                        if pi == i:
+                        if pi == i and low < high:
                             inside[(i, j)].append(a[(a >= low) & (a <= high)])
         above = {key: int(above[key]) for key in brackets}
         found = {}
         for i, j, r in todo:
             vals = inside[(i, j)]
-            n_in = sum(len(v) for v in vals)
+            point = brackets[(i, j)][0] == brackets[(i, j)][1]
+            n_in = sum(vals) if point else sum(len(v) for v in vals)
             first = m - above[(i, j)] - n_in  # rank of the bracket's smallest entry
             if not first <= r < first + n_in:
                 continue
-            v = float(torch.cat(vals).sort().values[r - first])
-            greater = above[(i, j)] + sum(int((x > v).sum()) for x in vals)
-            equal = [int((x == v).sum()) for x in vals]
+            if point:
+                v, greater, equal = brackets[(i, j)][0], above[(i, j)], vals
+            else:
+                v = float(torch.cat(vals).sort().values[r - first])
+                greater = above[(i, j)] + sum(int((x > v).sum()) for x in vals)
+                equal = [int((x == v).sum()) for x in vals]
             keep_equal = (m - r) - greater  # the entries equal to v that rank ≥ r: the last ones by position
             skip = sum(equal) - keep_equal
             if skip == 0 or v == 0.0:  # a zero delta contributes nothing kept or not

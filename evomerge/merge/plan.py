@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..io import inspect_model, stored_size
-from .parents import CHUNK, SAMPLE_FRACTION
+from .parents import SAMPLE_FRACTION, chunk_size
 
 if TYPE_CHECKING:
     from ..config import StudyConfig
@@ -90,7 +90,7 @@ def plan_memory(base: str | None, parents: list[str], device: torch.device, *, m
     n = len(models)
     candidate = params * _SIZES[candidate_dtype or stored_dtype]
     aux = 4 * params * len(parents) // SAMPLE_FRACTION if method_selects else 0
-    workspace = WORKSPACE_TEMPS * 4 * n * min(largest, CHUNK)
+    workspace = WORKSPACE_TEMPS * 4 * n * min(largest, chunk_size(device))
     cfg = info.config
     hidden = int(cfg.get("hidden_size") or 0)
     vocab = int(cfg.get("vocab_size") or 0)
