@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..io import ModelFilesError, TensorReader, weight_files
+from ..io import ModelFilesError, load_bin, weight_files
 
 CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 22
 
@@ -52,8 +52,7 @@ class MappedModel:
         self.views: dict[str, Tensor] = {}
         files = weight_files(self.path)
         if files[0].suffix != ".safetensors":
-            reader = TensorReader(self.path)
-            self.views = {k: v.reshape(-1) for k, v in reader._bin.items()}
+            self.views = {k: v.reshape(-1) for f in files for k, v in load_bin(f).items()}
             return
         for f in files:
             self.views.update(self._map(f))
@@ -141,11 +140,11 @@ class _Stager:
     def stream(self, views: list[Tensor], ranges: list[tuple[int, int]], has_base: bool):
         bufs = self._buffers(views[0].dtype)
         compute = torch.cuda.current_stream(self.device)
-        pending = []
+        events: list[torch.cuda.Event] = []
+        previous = None  # the chunk in flight, handed to the merge once the next one's copy is queued
         for slot, (s, e) in enumerate(ranges):
-            done = pending[slot - 2][1] if slot >= 2 else None
-            if done is not None:
-                done.synchronize()  # the pinned slot's previous copy has reached the device
+            if slot >= 2:
+                events[slot - 2].synchronize()  # this pinned slot's previous copy has reached the device
             with torch.cuda.stream(self.stream):
                 parts = []
                 for i, v in enumerate(views):
@@ -153,13 +152,13 @@ class _Stager:
                         e - s, dtype=v.dtype, pin_memory=True))
                     host.copy_(v[s:e])
                     parts.append(host.to(self.device, non_blocking=True))
-                event = torch.cuda.Event()
-                event.record(self.stream)
-            pending.append(((s, e, parts), event))
-            if slot >= 1:
-                yield self._ready(compute, *pending[slot - 1], has_base)
-        if pending:
-            yield self._ready(compute, *pending[-1], has_base)
+                events.append(torch.cuda.Event())
+                events[-1].record(self.stream)
+            if previous is not None:
+                yield self._ready(compute, *previous, has_base)
+            previous = ((s, e, parts), events[-1])
+        if previous is not None:
+            yield self._ready(compute, *previous, has_base)
 
     def _ready(self, compute, item, event, has_base):
         s, e, parts = item

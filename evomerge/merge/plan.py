@@ -60,7 +60,7 @@ class MemoryPlan:
         return self.parents_bytes if self.mode == "streaming" else 0
 
     def describe(self) -> str:
-        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        gb = _size
         parts = (f"parents {gb(self.parents_bytes)} {'on the device' if self.mode == 'resident' else 'mapped on the host'}"
                  f", candidate {gb(self.candidate_bytes)}, aux {gb(self.aux_bytes)}, workspace "
                  f"{gb(self.workspace_bytes)}, forward pass ~{gb(self.forward_bytes)}")
@@ -112,8 +112,12 @@ def plan_memory(base: str | None, parents: list[str], device: torch.device, *, m
     return streaming
 
 
+def _size(b: int) -> str:
+    return f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"
+
+
 def _refusal(resident: MemoryPlan, streaming: MemoryPlan, forced: str | None) -> str:
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    gb = _size
     what = (f"{forced} needs {gb(resident.device_bytes)} on {resident.device}" if forced else
             f"even with the parents streamed from host memory the candidate ({gb(streaming.candidate_bytes)}) plus "
             f"workspace and forward pass need {gb(streaming.device_bytes)} on {streaming.device}")
