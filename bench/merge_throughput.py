@@ -1,120 +1,178 @@
-"""Candidate materialization throughput on a synthetic model, against a same-size memory copy, in one run.
+"""Candidate materialization: memory and throughput on a synthetic model, in both worker modes, in one run.
 
-    python bench/merge_throughput.py [--params 120e6] [--parents 2]
+    python bench/merge_throughput.py [--params 120e6] [--parents 3] [--dtype bfloat16] [--modes resident,streaming]
 
-Builds a Llama-shaped model of random fp32 weights in a temp dir (no downloads), loads it as a study's worker does
-(base + parents resident, ranks precomputed once), then times, best of several round-robin repeats:
+Builds a Llama-shaped model of random weights in `--dtype` in a temp dir (no downloads): base + parents, each parent
+the base plus small noise.  Then, for each mode, in a fresh process (so each has its own baseline), it loads the
+parents as a study's worker does (``resident``: copied at their stored size; ``streaming``: mapped from the files)
+and measures:
 
-* copy             — ``target.copy_(base)`` for every tensor: one read + one write of the model (the floor);
-* task_arithmetic, ties, dare_ties — ``Materializer.materialize`` of a per-layer recipe.
+* memory — RssAnon (anonymous memory: the mapped parents' file pages are not counted) above the process's
+  baseline before loading, per parameter: after each method's first candidate (``resident_bytes_per_param``) and
+  the peak since loading began, sampled every millisecond (``peak_bytes_per_param``);
+* time, best of several round-robin repeats — ``copy`` (``target.copy_(base)`` for every tensor at the stored dtype:
+  one read + one write of the model, the floor), then ``Materializer.materialize`` of a per-layer recipe for
+  task_arithmetic, ties, dare_ties and della.
 
-Bandwidth counts the bytes each must move at least (copy: 2 × model; a merge of N parents: (N + 2) × model —
-N task vectors and the base read, the model written), so "≥ 0.5× copy bandwidth" means the merge streams memory at
-half the rate a plain copy does or better.
+Bandwidth counts the bytes each must move at least at the stored dtype (copy: 2 × model; a merge of N parents:
+(N + 2) × model — N parents and the base read, the model written), so "≥ 0.5× copy bandwidth" means the merge streams
+memory at half the rate a plain copy does or better.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
-from evomerge.merge import Materializer
-from evomerge.recipe import Recipe
+METHODS = (("task_arithmetic", False), ("ties", True), ("dare_ties", True), ("della", True))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build(root: Path, params: float, parents: int) -> tuple[str, list[str]]:
+def build(root: Path, params: float, parents: int, dtype: str) -> tuple[str, list[str]]:
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     hidden, inter, vocab = 1024, 2816, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
               "num_key_value_heads": 16, "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": False, "dtype": "float32"}
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+              "tie_word_embeddings": False, "dtype": dtype}
     torch.manual_seed(0)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(LlamaConfig(**config)).state_dict().items()}
-    base = {k: torch.randn(s) * 0.02 for k, s in shapes.items()}
     paths = []
     for i, name in enumerate(["base"] + [f"p{j}" for j in range(parents)]):
         d = root / name
         d.mkdir()
         (d / "config.json").write_text(json.dumps(config))
-        sd = base if i == 0 else {k: v + torch.randn_like(v) * 0.002 for k, v in base.items()}
+        sd = {}
+        for k, s in shapes.items():  # one tensor in fp32 at a time: the builder must not need the model in fp32
+            torch.manual_seed(hash(k) % 2**31)
+            t = torch.randn(s) * 0.02
+            if i:
+                t += torch.randn(s, generator=torch.Generator().manual_seed(i * 7919 + hash(k) % 9973)) * 0.002
+            sd[k] = t.to(DTYPES[dtype])
         save_file(sd, d / "model.safetensors")
+        del sd
         paths.append(str(d))
     return paths[0], paths[1:]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=float, default=120e6)
-    ap.add_argument("--parents", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--eager", action="store_true", help="do not torch.compile the merge kernels")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        base, parents = build(Path(tmp), args.params, args.parents)
+def child(args: argparse.Namespace) -> None:
+    """One mode in this process: memory lines, then timings as JSON on the last line."""
+    from evomerge.merge import Materializer
+    from evomerge.merge.plan import AnonPeak, rss_anon
+    from evomerge.recipe import Recipe
+
+    torch.ones(4) + torch.ones(4)
+    if not args.eager:  # the compiler's own code and caches are the process's, not the model's: load them first
+        torch.compile(lambda x: x * 2, dynamic=True)(torch.ones(8))
+    parents = args.parent_paths.split(",")
+    baseline = rss_anon()
+    with AnonPeak() as peak:
         t0 = time.perf_counter()
-        mat = Materializer(base, parents, compile=False if args.eager else None)
+        mat = Materializer(args.base, parents, compile=False if args.eager else None, mode=args.mode)
         load_s = time.perf_counter() - t0
-    n_params = sum(b.numel() for b in mat.base.values())
-    model_bytes = 4 * n_params
-    targets, bases = list(mat._targets.values()), list(mat.base.values())
+        n_params = sum(t.numel() for t in mat.store.models[0].values())
+        n = len(parents)
+        rng = torch.Generator().manual_seed(1)
+
+        def recipe(method: str, density: bool) -> Recipe:
+            groups = {}
+            for g in mat.groups:
+                values = {"weight": (0.3 + 0.7 * torch.rand(n, generator=rng)).tolist()}
+                if density:
+                    values["density"] = (0.2 + 0.6 * torch.rand(n, generator=rng)).tolist()
+                if method == "della":
+                    values["epsilon"] = [0.1] * n
+                groups[g] = values
+            return Recipe(method, mat.parent_paths, groups, mat.base_path, seed=3, dtype=mat.dtype)
+
+        print(f"mode {args.mode}: {n_params / 1e6:.0f}M params {mat.dtype}, {n} parents + base; threads "
+              f"{torch.get_num_threads()}; compile {mat.compile}; load {load_s:.1f} s", flush=True)
+        runs: dict[str, Callable[[], object]] = {}
+        for method, density in METHODS:
+            t0 = time.perf_counter()
+            mat.materialize(recipe(method, density))
+            first = time.perf_counter() - t0
+            resident = (rss_anon() - baseline) / n_params
+            print(f"mode={args.mode} method={method} resident_bytes_per_param={resident:.2f} "
+                  f"peak_bytes_per_param={(peak.peak - baseline) / n_params:.2f}  (first call {first:.1f} s)",
+                  flush=True)
+            runs[method] = lambda m=method, d=density: mat.materialize(recipe(m, d))
+    sources = list(mat.store.models[0].values())
+    targets = [mat._targets[k] for k in mat.store.models[0]]
 
     def copy() -> None:
-        for t, b in zip(targets, bases):
+        for t, b in zip(targets, sources):
             t.copy_(b)
 
-    n = len(parents)
-    rng = torch.Generator().manual_seed(1)
-
-    def recipe(method: str, density: bool) -> Recipe:
-        groups = {}
-        for g in mat.groups:
-            values = {"weight": (0.3 + 0.7 * torch.rand(n, generator=rng)).tolist()}
-            if density:
-                values["density"] = (0.2 + 0.6 * torch.rand(n, generator=rng)).tolist()
-            groups[g] = values
-        return Recipe(method, mat.parent_paths, groups, mat.base_path, seed=3)
-
-    print(f"model: {n_params / 1e6:.0f}M params fp32 ({model_bytes / 2**30:.2f} GiB), {n} parents + base; "
-          f"threads {torch.get_num_threads()}; compile {mat.compile}; load {load_s:.1f} s")
-    methods = (("task_arithmetic", False), ("ties", True), ("dare_ties", True))
-    runs: dict[str, Callable[[], object]] = {"copy": copy}
-    for method, density in methods:
-        prep = mat.prepare(mat.check(recipe(method, density)), seed=3)
-        t0 = time.perf_counter()
-        mat.materialize(recipe(method, density))
-        print(f"{method}: precompute {prep:.1f} s, first call (compiles) {time.perf_counter() - t0:.1f} s")
-        runs[method] = lambda m=method, d=density: mat.materialize(recipe(m, d))
+    runs = {"copy": copy, **runs}
     best = {k: float("inf") for k in runs}
     for _ in range(args.repeats):  # round-robin, so a burst of load on a shared machine hits every entry alike
         for k, fn in runs.items():
             t0 = time.perf_counter()
             fn()
             best[k] = min(best[k], time.perf_counter() - t0)
+    model_bytes = n_params * sources[0].element_size()
+    print(json.dumps({"best": best, "model_bytes": model_bytes, "n": n}))
+
+
+def report(mode: str, best: dict[str, float], model_bytes: int, n: int) -> None:
     copy_s = best["copy"]
     copy_bw = 2 * model_bytes / copy_s
-    print(f"{'copy':<16} {copy_s:7.3f} s  {copy_bw / 1e9:6.1f} GB/s")
-    for method, _ in methods:
+    print(f"mode={mode} {'copy':<16} {copy_s:7.3f} s  {copy_bw / 1e9:6.1f} GB/s")
+    for method, _ in METHODS:
         s = best[method]
         bw = (n + 2) * model_bytes / s
-        print(f"{method:<16} {s:7.3f} s  {bw / 1e9:6.1f} GB/s = {bw / copy_bw:4.2f}x copy bandwidth  "
-              f"({s / copy_s:4.2f}x copy time; {s / best['task_arithmetic']:4.2f}x task_arithmetic time)")
+        print(f"mode={mode} {method:<16} {s:7.3f} s  {bw / 1e9:6.1f} GB/s = {bw / copy_bw:4.2f}x copy bandwidth  "
+              f"({s / best['task_arithmetic']:4.2f}x task_arithmetic time)")
     ta = best["task_arithmetic"]
     ta_ratio = ((n + 2) * model_bytes / ta) / copy_bw
-    worst = max(best["ties"], best["dare_ties"]) / ta
-    print(f"\nacceptance: task_arithmetic {ta_ratio:.2f}x copy bandwidth (>= 0.5: {'PASS' if ta_ratio >= 0.5 else 'FAIL'})"
-          f"; ties {best['ties'] / ta:.2f}x and dare_ties {best['dare_ties'] / ta:.2f}x task_arithmetic time "
-          f"(<= 2: {'PASS' if worst <= 2 else 'FAIL'})")
+    worst = max(best[m] for m, _ in METHODS[1:]) / ta
+    print(f"mode={mode} acceptance: task_arithmetic {ta_ratio:.2f}x copy bandwidth (>= 0.5: "
+          f"{'PASS' if ta_ratio >= 0.5 else 'FAIL'}); " + ", ".join(
+              f"{m} {best[m] / ta:.2f}x" for m, _ in METHODS[1:]) + f" task_arithmetic time (<= 2: "
+          f"{'PASS' if worst <= 2 else 'FAIL'})\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=120e6)
+    ap.add_argument("--parents", type=int, default=3)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    ap.add_argument("--modes", default="resident,streaming")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eager", action="store_true", help="do not torch.compile the merge kernels")
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    ap.add_argument("--parent-paths", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        base, parents = build(Path(tmp), args.params, args.parents, args.dtype)
+        print(f"built base + {len(parents)} parents ({args.dtype}) in {time.perf_counter() - t0:.0f} s", flush=True)
+        for mode in args.modes.split(","):
+            cmd = [sys.executable, __file__, "--mode", mode, "--base", base, "--parent-paths", ",".join(parents),
+                   "--repeats", str(args.repeats)] + (["--eager"] if args.eager else [])
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+            lines = proc.stdout.strip().splitlines()
+            print("\n".join(lines[:-1]), flush=True)
+            result = json.loads(lines[-1])
+            report(mode, result["best"], result["model_bytes"], result["n"])
+
 
 if __name__ == "__main__":
     main()

@@ -68,35 +68,42 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .executors import ExecutorError
     from .io import ModelFilesError
     from .merge import RecipeMismatch
+    from .merge.plan import MemoryPlanError
     from .study import StorageError, StudyBusy, StudyMismatch
 
     return (ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError, StorageError,
-            ExecutorError, StudyBusy)
+            ExecutorError, StudyBusy, MemoryPlanError)
 
 
 def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str] = None) -> None:
     """Print a user error and exit 2; errors found past the study file get its name and field in front."""
     from .fitness import FitnessError
     from .merge import RecipeMismatch
+    from .merge.plan import MemoryPlanError
     from .study import StorageError, StudyBusy, StudyMismatch
 
     msg = str(e)
     if isinstance(e, StorageError):
         msg = f"{'--storage' if storage else f'{study_file}: storage'}: {msg}"
+    elif isinstance(e, MemoryPlanError) and study_file:
+        msg = f"{study_file}: worker: {msg}"
     elif isinstance(e, (FitnessError, StudyMismatch, RecipeMismatch, StudyBusy)) and study_file:
         msg = f"{study_file}: {msg}"
     err.print(Text.assemble(("error: ", "bold red"), msg), highlight=False, soft_wrap=True)  # msg is not markup
     raise typer.Exit(2)
 
 
-def _load(study_file: Path, task_search_path: Optional[list[Path]] = None):
+def _load(study_file: Path, task_search_path: Optional[list[Path]] = None, device_memory: Optional[float] = None,
+          download: bool = True):
     from .config import load_study
 
     try:
-        cfg = load_study(study_file, task_search_path=_absolute(task_search_path))
+        cfg = load_study(study_file, download=download, task_search_path=_absolute(task_search_path))
     except _user_errors() as e:
         _fail(e)
     _print_notes(study_file, cfg.notes)
+    if device_memory is not None:
+        cfg.worker.device_memory = device_memory
     return cfg
 
 
@@ -108,6 +115,19 @@ def _print_notes(file: Path, notes: list[str]) -> None:
     """One line per setting read but not applied as written: never silence."""
     for n in notes:
         err.print(Text.assemble(("note: ", "bold yellow"), f"{file}: {n}"), highlight=False, soft_wrap=True)
+
+
+def _print_plan(cfg, study_file: Path) -> None:
+    """The worker's memory plan on this machine's device (before anything loads); exit 2 when nothing fits."""
+    from .io import pick_device
+    from .merge.plan import study_plan
+
+    try:
+        plan = study_plan(cfg, pick_device(cfg.device))
+    except _user_errors() as e:
+        _fail(e, study_file)
+    if plan is not None:
+        out.print(plan.describe(), highlight=False)
 
 
 def _open_study(study_file: Path, storage: Optional[str]):
@@ -137,6 +157,8 @@ def run(
     storage: Optional[str] = StorageOpt,
     check: bool = typer.Option(False, "--check", help="validate the study file offline (no download, no DB) and exit"),
     task_search_path: Optional[list[Path]] = TaskSearchOpt,
+    device_memory: Optional[float] = typer.Option(None, "--device-memory", min=0.001,
+                                                  help="GB a worker may use on its device (overrides worker.device_memory)"),
 ) -> None:
     """Run (or resume) a study until its budget of trials is reached, then print the test-split table.
 
@@ -145,16 +167,16 @@ def run(
     from .study import Study
 
     if check:
-        _check(study_file, task_search_path)
+        _check(study_file, task_search_path, device_memory)
         return
-    cfg = _load(study_file, task_search_path)
+    cfg = _load(study_file, task_search_path, device_memory)
     total = budget or cfg.budget
     study = None
     try:  # whatever ends the run (done, a bad input, Ctrl-C), the executor's workers are shut down
         try:
             study = Study(cfg, storage)
             with study.exclusive():  # a second runner on a SQLite study is refused here, before loading anything
-                _run(study, total)
+                _run(study, total, study_file)
         except _user_errors() as e:
             _fail(e, study_file, storage)
     except KeyboardInterrupt:
@@ -166,23 +188,25 @@ def run(
             study.executor.close()
 
 
-def _run(study, total: int) -> None:
-    """Start the workers, run the study to `total` trials with a progress bar, print the final tables."""
+def _run(study, total: int, study_file: Path) -> None:
+    """Check the DB, print the plan, start the workers, run the study to `total` trials with a progress bar, print
+    the final tables."""
     from .config import safe_url
     from .study import trial_value
 
     cfg = study.cfg
     out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
+    study.check_compatible()  # the DB first: reachable, and the stored setup this file's, before any weight is read
     method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
     grain = ""
     if study.space.kind == "ps":
         grain = f", groups by {'/'.join(study.space.filters)} and the rest" if study.space.filters else ", layer groups"
     out.print(f"search space {study.space.kind} ({method}{grain}): dimension {study.space.dimension}")
+    _print_plan(cfg, study_file)
     if cfg.executor.name == "ray":
         address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
         out.print(f"executor ray at {address}")
-    study.executor.start()  # loads parents and tasks: every input error surfaces before the DB is touched
-    study.check_compatible()
+    study.executor.start()  # loads parents and tasks; nothing is written to the DB before this succeeds
     done = study.finished()
     if done:
         out.print(f"resuming study {cfg.study}: {done} of {total} trials done")
@@ -202,15 +226,13 @@ def _run(study, total: int) -> None:
     _print_final_eval(study.final_eval())
 
 
-def _check(study_file: Path, task_search_path: Optional[list[Path]] = None) -> None:
+def _check(study_file: Path, task_search_path: Optional[list[Path]] = None,
+           device_memory: Optional[float] = None) -> None:
     """Everything that can be checked without downloading models or data, and a list of what was not."""
-    from .config import load_study
     from .fitness import FitnessError, check_tasks
 
+    cfg = _load(study_file, task_search_path, device_memory, download=False)  # local models: headers checked
     try:
-        # local models: headers, tokenizer and shapes (vocabulary rows aside with tokenizer_source) checked
-        cfg = load_study(study_file, download=False, task_search_path=_absolute(task_search_path))
-        _print_notes(study_file, cfg.notes)
         models = [m for m in [cfg.models.base, *cfg.models.parents] if m]
         local = [m for m in models if Path(m).is_dir()]
         notes = check_tasks(cfg.fitness)
@@ -226,6 +248,7 @@ def _check(study_file: Path, task_search_path: Optional[list[Path]] = None) -> N
         out.print(f"  model {m}: Hub id, syntax only (existence, architecture and tokenizer not checked offline)")
     for n in notes:
         out.print(f"  {n}")
+    _print_plan(cfg, study_file)
 
 
 def _fmt(v: Optional[float]) -> str:

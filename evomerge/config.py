@@ -63,7 +63,8 @@ class ModelsConfig(_Strict):
 class MergeConfig(_Strict):
     method: str = "ties"
     options: dict[str, Any] = Field(default_factory=dict)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="the candidate's dtype; default: the dtype the parents' files hold")
     tokenizer_source: str | None = Field(
         None, description="parents with added tokens: base (default), union, or one of models.parents (mergekit's "
                           "meaning); decides the rows of embeddings and head and the exported tokenizer")
@@ -303,6 +304,16 @@ class ExecutorConfig(_Strict):
         return self
 
 
+class WorkerConfig(_Strict):
+    """Where a worker keeps the parents (see the memory plan, `evomerge run --check`)."""
+
+    parents: Literal["auto", "resident", "host"] = Field(
+        "auto", description="resident: on the device at their stored size; host: mapped from their files and "
+                            "streamed to the device per candidate; auto: resident when they fit")
+    device_memory: float | None = Field(None, gt=0, description="GB the worker may use on its device "
+                                                                "(default: what is free; host memory on CPU)")
+
+
 class StudyConfig(_Strict):
     study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", max_length=128,
                        description="study name inside the storage (and the default SQLite file's name)")
@@ -318,6 +329,7 @@ class StudyConfig(_Strict):
     fitness: FitnessConfig
     baselines: BaselineConfig = BaselineConfig()
     executor: ExecutorConfig = ExecutorConfig()
+    worker: WorkerConfig = WorkerConfig()
     _path: Path = PrivateAttr(default_factory=Path)
     _notes: list[str] = PrivateAttr(default_factory=list)
 
@@ -365,6 +377,12 @@ class StudyConfig(_Strict):
     def notes(self) -> list[str]:
         """What reading the file noticed but did not refuse (a mergekit-evolve setting without an equivalent)."""
         return self._notes
+
+    def candidate_dtype(self) -> str:
+        """The candidate's dtype: ``merge.dtype``, else the one the parents' files hold (read from the headers)."""
+        from .io import stored_size
+
+        return self.merge.dtype or stored_size(self.models.base or self.models.parents[0])[2]
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self._path.parent / (self.study + '.db')}"

@@ -23,6 +23,7 @@ from .dataflow import Dataflow
 from .fitness import Fitness, Score
 from .io import pick_device
 from .merge import Materializer
+from .merge.plan import study_plan
 from .recipe import Recipe
 
 
@@ -51,11 +52,13 @@ class Worker:
         self.materializer: Materializer | None = None
         self.dataflow: Dataflow | None = None
         if cfg.search_space.kind == "ps":
+            plan = study_plan(cfg, self.device)
             self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype,
+                                             mode=plan.mode if plan else "resident",
                                              tokenizer_source=cfg.merge.tokenizer_source)
             model = self.materializer.model
         else:  # data-flow recipes run as paths over resident sources; the shell is what lm-eval wraps
-            self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.merge.dtype)
+            self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.candidate_dtype())
             model = self.dataflow.model
         vocab = self.materializer.vocab if self.materializer else None
         tokenizer = vocab.tokenizer if vocab else AutoTokenizer.from_pretrained(

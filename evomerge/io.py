@@ -112,7 +112,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
             except Exception as e:  # safetensors raises several types for a corrupt header
                 raise ModelFilesError(f"{f}: not a readable safetensors file ({e})") from e
         else:
-            for k, v in _load_bin(f).items():
+            for k, v in load_bin(f).items():
                 shapes[k] = tuple(v.shape)
     return ModelInfo(path=path, config=config, shapes=shapes)
 
@@ -151,7 +151,31 @@ def read_config(cfg_file: Path) -> dict:
     return config
 
 
-def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+_HEADER_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2), "F64": ("float32", 8)}  # merged in fp32 either way
+
+
+def stored_size(path: str | Path) -> tuple[int, int, str]:
+    """(parameters, bytes, dtype most parameters are stored in) of a local model directory, from its headers only."""
+    params = size = 0
+    by_dtype: dict[str, int] = {}
+    for f in weight_files(Path(path)):
+        if f.suffix != ".safetensors":
+            n = sum(v.numel() for v in load_bin(f).values())
+            params, size, by_dtype["float32"] = params + n, size + 4 * n, by_dtype.get("float32", 0) + n
+            continue
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    n = math.prod(sl.get_shape())
+                    name, width = _HEADER_DTYPES.get(sl.get_dtype(), ("float32", 4))
+                    params, size, by_dtype[name] = params + n, size + width * n, by_dtype.get(name, 0) + n
+        except Exception as e:  # safetensors raises several types for a corrupt header
+            raise ModelFilesError(f"{f}: not a readable safetensors file ({e})") from e
+    return params, size, max(by_dtype, key=by_dtype.get) if by_dtype else "float32"
+
+
+def load_bin(f: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -170,52 +194,8 @@ def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dic
             except Exception as e:
                 raise ModelFilesError(f"{f}: not a readable safetensors file ({e})") from e
         else:
-            out.update({k: v.to(device) for k, v in _load_bin(f).items()})
+            out.update({k: v.to(device) for k, v in load_bin(f).items()})
     return out
-
-
-class TensorReader:
-    """One model directory's tensors by name, read one at a time, whatever the sharding.
-
-    Each read opens its shard and closes it again: the memory map is released with the tensor copied out, so reading a
-    whole model tensor by tensor never holds more than one tensor of it (a long-lived map would count every page read
-    so far in the process's resident memory).  The name-to-shard map comes from ``*.index.json`` when present, else
-    from the shards' headers.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        files = weight_files(self.path)
-        self._bin: dict[str, torch.Tensor] | None = None
-        self._where: dict[str, Path] = {}
-        if files[0].suffix != ".safetensors":
-            self._bin = {}
-            for f in files:
-                self._bin.update(_load_bin(f))
-            return
-        index = sorted(self.path.glob("*.safetensors.index.json"))
-        if index:
-            try:
-                weight_map = json.loads(index[0].read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ModelFilesError(f"{index[0]}: not a valid safetensors index ({e})") from e
-            self._where = {k: self.path / v for k, v in weight_map.items()}
-            missing = sorted({str(f) for f in self._where.values() if not f.is_file()})
-            if missing:
-                raise ModelFilesError(f"{index[0]}: names shard {missing[0]}, which does not exist")
-            return
-        for f in files:
-            try:
-                with safe_open(f, framework="pt") as st:
-                    self._where.update({k: f for k in st.keys()})
-            except Exception as e:
-                raise ModelFilesError(f"{f}: not a readable safetensors file ({e})") from e
-
-    def get(self, name: str) -> torch.Tensor:
-        if self._bin is not None:
-            return self._bin[name]
-        with safe_open(self._where[name], framework="pt") as st:
-            return st.get_tensor(name)
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",

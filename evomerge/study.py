@@ -57,7 +57,7 @@ def build_space(cfg: StudyConfig, storage: str | None = None) -> SearchSpace:
         ranges={"weight": Range(ss.weight.low, ss.weight.high), "density": Range(ss.density.low, ss.density.high),
                 "t": Range(ss.t.low, ss.t.high)},
         fixed=dict(ss.fixed), searched_groups=ss.groups, layer_granularity=ss.layer_granularity,
-        filters=ss.filters, x0=dict(ss.x0), options=cfg.merge.options, dtype=cfg.merge.dtype,
+        filters=ss.filters, x0=dict(ss.x0), options=cfg.merge.options, dtype=cfg.candidate_dtype(),
         tokenizer_source=cfg.merge.tokenizer_source,
     )
 
@@ -76,7 +76,7 @@ def _dataflow_space(cfg: StudyConfig, storage: str) -> DataflowSpace:
     try:
         return DataflowSpace(parents=cfg.models.parents, num_layers=[i.num_layers for i in infos],
                              scale=Range(ss.scale.low, ss.scale.high), repeats=ss.repeats, layout=ss.layout, a=a,
-                             dtype=cfg.merge.dtype)
+                             dtype=cfg.candidate_dtype())
     except ValueError as e:
         raise ConfigError(cfg.path, "search_space.layout", str(e)) from None
 
@@ -156,13 +156,14 @@ class Study:
     def __init__(self, cfg: StudyConfig, storage: str | None = None, executor: Executor | None = None):
         self.cfg = cfg
         self.storage_url = check_storage_url(storage) if storage else cfg.storage_url()
+        self._optuna: optuna.Study | None = None
+        self._storage: RDBStorage | None = None
+        self._check_stored_setup()  # fail fast: the DB before any model file is read
         self.space = build_space(cfg, self.storage_url)
         self.executor = executor or make_executor(cfg)
         self.runner = f"{socket.gethostname()}:{os.getpid()}"
         self._upsert = None  # built on first use, for this storage's dialect
         self._lock: int | None = None  # the sidecar's file descriptor while this object runs a SQLite study
-        self._optuna: optuna.Study | None = None
-        self._storage: RDBStorage | None = None
         self._new_optimizer()  # an optimizer that cannot work on this space is a config error, raised before any write
 
     # ---------------------------------------------------------------- storage
@@ -269,6 +270,29 @@ class Study:
             st.set_user_attr(ATTR + "dimension", self.space.dimension)
         self._optuna = st
         return st
+
+    def _check_stored_setup(self) -> None:
+        """The study DB is reachable and, if the study exists, its models, method and optimizer are this file's.
+
+        Runs before the models' files are opened, so a run that would fail on its DB fails in seconds, not after
+        loading the parents; `check_compatible` compares the rest of the signature once the space is known."""
+        u = make_url(self.storage_url)
+        if _missing_sqlite_file(self.storage_url):
+            folder = Path(u.database).parent
+            if not folder.is_dir():
+                raise _storage_error(self.storage_url, OSError(f"folder {folder} does not exist"))
+            return
+        if self.exists():
+            stored = self.optuna.user_attrs.get(ATTR + "signature") or {}
+            kind = self.cfg.search_space.kind
+            sig = {"kind": kind, "method": self.cfg.merge.method if kind == "ps" else "passthrough",
+                   "parents": self.cfg.models.parents, "base": self.cfg.models.base,
+                   "optimizer": self.cfg.optimizer.name}
+            changed = next((k for k in sig if k in stored and stored[k] != sig[k]), None)
+            if changed:
+                raise StudyMismatch(
+                    f"study {self.cfg.study!r} already exists in this storage with a different {changed}; "
+                    "use a new study name (or another storage) for a changed setup")
 
     def check_compatible(self) -> None:
         """Refuse, before any write, to resume an existing study whose setup differs from this file's."""

@@ -104,16 +104,18 @@ def _union(models: list[str], toks: dict) -> object:
     return out
 
 
-def align_state_dicts(plan: VocabPlan, info: ModelInfo, state_dicts: dict[str, dict[str, torch.Tensor]]
-                      ) -> dict[str, tuple[int, ...]]:
-    """Permute every model's vocabulary matrices in place; returns their new shapes."""
+def align_rows(plan: VocabPlan, info: ModelInfo, models: dict[str, dict[str, torch.Tensor]]
+               ) -> dict[str, tuple[int, ...]]:
+    """Replace every model's vocabulary matrices (flat, by tensor name, as a ``ParentStore`` holds them) with their
+    rows in the output vocabulary; returns the matrices' new shapes.  The aligned copies are new memory: two
+    tensors per model, also in streaming mode, where everything else stays mapped."""
     shapes = {}
-    for name in info.shapes:
+    for name, shape in info.shapes.items():
         if is_vocab_tensor(name, info):
-            aligned = plan.align({m: sd[name] for m, sd in state_dicts.items()})
-            for m, sd in state_dicts.items():
-                sd[name] = aligned[m]
-            shapes[name] = (plan.size, *info.shapes[name][1:])
+            aligned = plan.align({m: t[name].view(-1, shape[-1]) for m, t in models.items()})
+            for m, t in models.items():
+                t[name] = aligned[m].reshape(-1)
+            shapes[name] = (plan.size, *shape[1:])
     return shapes
 
 

@@ -91,24 +91,27 @@ def test_bf16_parents_merge_in_fp32_and_write_the_requested_dtype(tmp_path, tiny
 
 
 _CHILD = textwrap.dedent("""
-    import resource, sys, torch
+    import sys, torch
     from evomerge.merge import write_model
+    from evomerge.merge.plan import AnonPeak, rss_anon
     from evomerge.recipe import Recipe
     from transformers import AutoTokenizer
     root = sys.argv[1]
     AutoTokenizer.from_pretrained(root + "/base")  # the interpreter, torch and transformers: not the merge's memory
     torch.ones(4) + torch.ones(4)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = rss_anon()
     groups = {g: {"weight": [0.6, 0.5], "density": [0.5, 0.5]} for g in ["embed", "layers.0", "layers.1", "head"]}
     recipe = Recipe("dare_ties", [root + "/p0", root + "/p1"], groups, root + "/base")
-    write_model(recipe, root + "/out", max_shard_bytes=100_000_000)
-    print(baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    with AnonPeak() as peak:
+        write_model(recipe, root + "/out", max_shard_bytes=100_000_000)
+    print(baseline // 1024, peak.peak // 1024)
 """)
 
 
 def test_merge_streams_a_model_several_times_larger_than_its_peak_memory(tmp_path, tiny):
-    """400 MB of fp32 weights per model (3 models, tensors of 2 MB): the merge's memory above the interpreter's stays
-    below a quarter of one model -- it scales with the largest tensor, not with the model."""
+    """400 MB of fp32 weights per model (3 models, tensors of 2 MB): the merge's anonymous memory above the
+    interpreter's stays below a quarter of one model -- it scales with the largest tensor, not with the model (the
+    parents are mapped: their pages are the page cache's)."""
     names = [("model.embed_tokens.weight", (2048, 256))]
     names += [(f"model.layers.{i}.mlp.w{j}.weight", (512, 1024)) for i in range(2) for j in range(195)]
     names += [("model.norm.weight", (256,)), ("lm_head.weight", (2048, 256))]
@@ -126,7 +129,7 @@ def test_merge_streams_a_model_several_times_larger_than_its_peak_memory(tmp_pat
     assert (tmp_path / "p0" / "model.safetensors.index.json").is_file()
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], capture_output=True, text=True, check=True)
     baseline_kb, peak_kb = map(int, proc.stdout.split()[-2:])
-    print(f"peak RSS {peak_kb / 1024:.0f} MB, of which the merge {(peak_kb - baseline_kb) / 1024:.0f} MB")
+    print(f"peak RssAnon {peak_kb / 1024:.0f} MB, of which the merge {(peak_kb - baseline_kb) / 1024:.0f} MB")
     merged_kb = peak_kb - baseline_kb
     assert model_bytes > 380e6
     assert merged_kb * 1024 * 4 < model_bytes, f"merge used {merged_kb / 1024:.0f} MB for a {model_bytes / 1e6:.0f} MB model"

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from evomerge.merge.methods import (InvalidRecipe, breadcrumbs_ties, dare_linear, dare_ties, della_linear, linear,
-                                    magnitude_ranks, model_stock, passthrough, random_bits, row_rank_fractions, slerp,
-                                    task_arithmetic, tensor_seeds, ties, trim_magnitude, trim_outliers, validate)
+                                    magnitude_keep, magnitude_ranks, model_stock, outlier_window,
+                                    passthrough, random_bits, row_rank_fractions, slerp, task_arithmetic, tensor_seeds,
+                                    ties, topk_window, validate)
 
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
 DELTAS = torch.tensor([[0.5, -0.2, 0.0, 0.1],
@@ -39,30 +40,31 @@ def test_magnitude_ranks_order_entries_by_magnitude_ties_by_position():
 
 
 def test_trim_keeps_the_top_density_fraction_by_magnitude():
-    kept = trim_magnitude(DELTAS, torch.tensor([0.5, 0.25]), RANKS)
+    kept = DELTAS * magnitude_keep(DELTAS, *topk_window(4, torch.tensor([0.5, 0.25])))
     assert torch.equal(kept, torch.tensor([[0.5, -0.2, 0.0, 0.0], [0.0, -0.4, 0.0, 0.0]]))
 
 
 def test_ties_with_density_one_is_sign_elected_task_arithmetic():
-    out = ties(BASE, DELTAS, ONES, torch.tensor([1.0, 1.0]), ranks=RANKS, normalize=False)
+    out = ties(BASE, DELTAS, ONES, keep=magnitude_keep(DELTAS, *topk_window(4, ONES)), normalize=False)
     # entry 0: sum 0.4 > 0 elects +, keeps 0.5; entry 1: both negative; entry 2: only +0.3; entry 3: both +
     assert torch.allclose(out, torch.tensor([1.5, 0.4, 1.3, 1.2]))
 
 
 def test_ties_normalize_divides_by_the_weights_that_agree():
-    out = ties(BASE, DELTAS, torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]), ranks=RANKS, normalize=True)
+    out = ties(BASE, DELTAS, torch.tensor([1.0, 3.0]), keep=magnitude_keep(DELTAS, *topk_window(4, ONES)),
+               normalize=True)
     # entry 1: both agree: (-0.2 - 1.2) / 4; entry 2: parent 0 has 0 (no sign) so only parent 1 counts: 0.9 / 3
     assert torch.allclose(out[1:3], torch.tensor([1 - 1.4 / 4, 1.3]))
 
 
 def test_breadcrumbs_drops_the_largest_outliers_and_the_smallest():
     # parent 0 by magnitude: 0.0 < 0.1 < 0.2 < 0.5; keep 2 of 4, drop the top 1 (gamma 0.25) and the bottom 1
-    kept = trim_outliers(DELTAS[:1], torch.tensor([0.5]), torch.tensor([0.25]), RANKS[:1])
+    kept = DELTAS[:1] * magnitude_keep(DELTAS[:1], *outlier_window(4, torch.tensor([0.5]), torch.tensor([0.25])))
     assert torch.equal(kept, torch.tensor([[0.0, -0.2, 0.0, 0.1]]))
 
 
 def test_breadcrumbs_ties_with_nothing_dropped_is_sign_elected_task_arithmetic():
-    out = breadcrumbs_ties(BASE, DELTAS, ONES, torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), ranks=RANKS)
+    out = breadcrumbs_ties(BASE, DELTAS, ONES, keep=magnitude_keep(DELTAS, *outlier_window(4, ONES, ONES * 0)))
     assert torch.allclose(out, torch.tensor([1.5, 0.4, 1.3, 1.2]))
 
 

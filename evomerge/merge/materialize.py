@@ -1,15 +1,20 @@
-"""Turning a Recipe into weights: in place into one resident model during search, or streamed into a model directory.
+"""Turning a Recipe into weights: in place into one preallocated model during search, or streamed into a directory.
 
-Parents are fixed for a whole study, so a worker loads them once and keeps, per tensor, the base and the stacked task
-vectors (fp32, flattened) plus whatever the method's selection needs (magnitude ranks, DELLA's row ranks), computed
-once.  A candidate is then a few memory passes per tensor: one fused kernel (``torch.compile``'d on models large
-enough to repay the compile) writes straight into the preallocated model.  Export streams the same per-tensor
-function over the parents' shards, so an exported recipe is exactly the candidate the search scored.
+Parents are fixed for a whole study, so a worker keeps them for its life at their stored size — resident on the
+device or mapped from their files and streamed (``parents.ParentStore``) — and a candidate is one pass over them,
+tensor by tensor in chunks of rows: one kernel (``torch.compile``'d on models large enough to repay the compile)
+forms the task vectors in fp32 from the stored dtype, applies the method, and writes into the model.  Magnitude
+selections add one exact selection pass (``parents.MagnitudeIndex``); random drops are hashed inside the kernel.
+Export runs the same function over mapped parents, so an exported recipe is exactly the candidate the search scored.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import math
 import os
+import sys
 import shutil
 import time
 import types
@@ -19,18 +24,28 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import __version__
-from ..io import (TensorReader, check_compatible, group_order, inspect_model, load_state_dict, model_license,
-                  model_name, recipe_groups, tensor_group, write_sharded)
+from ..io import (check_compatible, group_order, inspect_model, model_license, model_name, recipe_groups,
+                  stored_size, tensor_group, write_sharded)
 from ..recipe import Recipe
-from ..vocab import align_state_dicts, check_vocab_compatible, is_vocab_tensor, plan_vocab
-from .methods import (InvalidRecipe, MergeMethod, apply, magnitude_ranks, random_bits, row_rank_fractions,
+from ..vocab import check_vocab_compatible, plan_vocab
+from .methods import (InvalidRecipe, MergeMethod, apply, keep_from_keys, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
+from .parents import MagnitudeIndex, ParentStore, row_chunks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MIN_PARAMS = 50_000_000
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS: glibc keeps freed chunk buffers (a few MB each, above its dynamic
+    mmap threshold) in its arenas, where they would count as the worker's memory between candidates."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 class RecipeMismatch(ValueError):
@@ -60,22 +75,26 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
             for p, d in method.tensor_params.items()}
 
 
-def prepare_aux(kinds: tuple[str, ...], name: str, deltas: torch.Tensor, shape: tuple[int, ...],
-                seed: int) -> dict[str, torch.Tensor]:
-    """What a method's selection needs (`kinds` from its ``aux``) for one flattened tensor."""
-    aux = {}
-    if "ranks" in kinds:
-        aux["ranks"] = magnitude_ranks(deltas)
-    if "row_ranks" in kinds:
-        aux["row_ranks"] = row_rank_fractions(deltas, shape)
-    if "bits" in kinds:
-        aux["bits"] = random_bits(tensor_seeds(seed, name, deltas.shape[0], deltas.device), deltas.shape[1])
-    return aux
+def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
+          keys: tuple[Tensor, Tensor] | None, seeds: Tensor | None, start: int, shape: tuple[int, ...],
+          options: dict[str, Any]) -> None:
+    """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
-
-def _into(out: torch.Tensor, method: MergeMethod, base: torch.Tensor | None, stacked: torch.Tensor,
-          params: dict[str, torch.Tensor], aux: dict[str, torch.Tensor], options: dict[str, Any]) -> None:
-    out.copy_(apply(method, base, stacked, params, aux, options))
+    Everything a selection needs is computed here from the chunk's position (``start``), so nothing per element is
+    stored between candidates and the compiled form is one fused pass."""
+    b = base.float() if base is not None else None
+    stacked = torch.stack([p.float() for p in parents])
+    if b is not None and method.uses_base:
+        stacked = stacked - b
+    aux: dict[str, Tensor] = {}
+    if keys is not None:
+        index = torch.arange(start, start + stacked.shape[1], device=stacked.device)
+        aux["keep"] = keep_from_keys(stacked.abs(), index, *keys)
+    if seeds is not None:
+        aux["bits"] = random_bits(seeds, stacked.shape[1], start)
+    if "row_ranks" in method.aux:
+        aux["row_ranks"] = row_rank_fractions(stacked, shape)
+    out.copy_(apply(method, b, stacked, params, aux, options))
 
 
 def _compiled(name: str) -> Callable[..., None]:
@@ -90,16 +109,15 @@ def compiler_available() -> bool:
     return torch.cuda.is_available() or shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
-class Materializer:
-    """Holds the parents of one study resident and writes any of its recipes into one model, in place.
+class Merger:
+    """The per-tensor merge shared by the search and the export: parents in a `ParentStore`, any recipe of theirs.
 
-    Task vectors are kept in fp32 (merge arithmetic accumulates there whatever the parents' dtype); the model has
-    `dtype`.  `compile`: fuse each method into one kernel with ``torch.compile`` (default: when the model has at
-    least 50M parameters and a compiler is available; eager otherwise, and eager if compiling fails).
-    """
+    `compile`: fuse each method into one kernel with ``torch.compile`` (default: when the model has at least 50M
+    parameters and a compiler is available; eager otherwise, and eager if compiling fails).  `tokenizer_source`:
+    parents with added tokens have their embedding and head rows aligned into that vocabulary (``vocab.py``)."""
 
     def __init__(self, base: str | None, parents: list[str], device: torch.device | str = "cpu",
-                 dtype: str = "float32", compile: bool | None = None, tokenizer_source: str | None = None):
+                 mode: str = "resident", compile: bool | None = None, tokenizer_source: str | None = None):
         self.base_path = base
         self.parent_paths = list(parents)
         self.device = torch.device(device)
@@ -107,50 +125,88 @@ class Materializer:
         infos = [inspect_model(p) for p in ([base] if base else []) + self.parent_paths]
         self.vocab = plan_vocab(base, self.parent_paths, tokenizer_source) if tokenizer_source else None
         (check_vocab_compatible if self.vocab else check_compatible)(infos)
+        self.config = dict(infos[0].config)
         self.shapes = dict(infos[0].shapes)
         self.groups = sorted({tensor_group(n) for n in self.shapes}, key=group_order)
-        parent_sds = [load_state_dict(p, self.device) for p in self.parent_paths]
-        base_sd = load_state_dict(base, self.device) if base else None
+        self.mode = mode
+        self.store = ParentStore(base, self.parent_paths, self.device, mode)
         if self.vocab:  # rows permuted into the output vocabulary before any task vector is formed
-            sds = dict(zip(([base] if base else []) + self.parent_paths, ([base_sd] if base else []) + parent_sds))
-            self.shapes.update(align_state_dicts(self.vocab, infos[0], sds))
-        self.base: dict[str, torch.Tensor] = {}
-        self.deltas: dict[str, torch.Tensor] = {}
-        for name in self.shapes:
-            b = base_sd[name].float().reshape(-1) if base_sd else None
-            ps = torch.stack([sd[name].float().reshape(-1) for sd in parent_sds])
-            self.base[name] = b
-            self.deltas[name] = ps - b if b is not None else ps
-        del parent_sds, base_sd
+            self.shapes.update(self.store.align_vocab(self.vocab, infos[0]))
+            self.config["vocab_size"] = self.vocab.size
+        self.index: MagnitudeIndex | None = None
+        n_params = sum(math.prod(s) for s in self.shapes.values())
+        self.compile = compiler_available() and n_params >= COMPILE_MIN_PARAMS if compile is None else compile
+        self._kernels: dict[str, Callable[..., None]] = {}
+
+    def prepare(self, method: MergeMethod) -> float:
+        """Build, once per worker, the magnitude index a selecting method needs; returns the seconds it took."""
+        t0 = time.perf_counter()
+        if method.select is not None and self.index is None:
+            with torch.no_grad():
+                self.index = MagnitudeIndex(self.store, self.shapes, self.compile)
+        return time.perf_counter() - t0
+
+    def _kernel(self, method: MergeMethod) -> Callable[..., None]:
+        if method.name not in self._kernels:
+            self._kernels[method.name] = _compiled(method.name) if self.compile else _into
+        return self._kernels[method.name]
+
+    @torch.no_grad()
+    def merge(self, recipe: Recipe, method: MergeMethod, write: Callable[[str], Tensor],
+              names: list[str] | None = None) -> None:
+        """Merge each tensor (all, or `names`) into the flat tensor `write(name)` returns, one chunk at a time."""
+        self.prepare(method)
+        n = len(self.parent_paths)
+        params = {g: group_params(method, v, n, self.device) for g, v in recipe.groups.items()}
+        owner = recipe_groups(names or self.shapes, recipe.groups)
+        options = recipe.options
+        whole = method.whole_tensor or (method.random and {**method.options, **options}.get("rescale")
+                                        and {**method.options, **options}.get("rescale_mode") == "l1")
+        for name in names or self.shapes:
+            shape = self.shapes[name]
+            out = write(name)
+            p = params[owner[name]]
+            keys = None
+            if method.select is not None:
+                m = math.prod(shape)
+                lo, hi = method.select(m, p["density"].cpu(), p.get("gamma", p["density"]).cpu())
+                keys = self.index.keys(name, shape, torch.stack([lo, hi], 1))
+            seeds = tensor_seeds(recipe.seed, name, n, self.device) if method.random else None
+            for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
+                self._run(method, (out[s:e], method, b, ps, p, keys, seeds, s, shape, options))
+        if self.device.type == "cpu":
+            release_freed_memory()
+
+    def _run(self, method: MergeMethod, args: tuple) -> None:
+        kernel = self._kernel(method)
+        try:
+            kernel(*args)
+        except Exception as e:
+            if kernel is _into:
+                raise
+            warnings.warn(f"torch.compile failed for {method.name} ({type(e).__name__}: {e}); merging eagerly")
+            self._kernels[method.name] = _into
+            _into(*args)
+
+
+class Materializer(Merger):
+    """Holds the parents of one study and writes any of its recipes into one preallocated model, in place.
+
+    `dtype`: the model's (default: the parents' stored dtype).  `mode`: ``resident`` (parents copied to the device at
+    their stored size) or ``streaming`` (mapped from their files, streamed chunk by chunk)."""
+
+    def __init__(self, base: str | None, parents: list[str], device: torch.device | str = "cpu",
+                 dtype: str | None = None, compile: bool | None = None, mode: str = "resident",
+                 tokenizer_source: str | None = None):
+        super().__init__(base, parents, device, mode, compile, tokenizer_source)
+        self.dtype = dtype or stored_size(base or self.parent_paths[0])[2]
         self.model = AutoModelForCausalLM.from_pretrained(
-            base or self.parent_paths[0], dtype=DTYPES[dtype], trust_remote_code=False
+            base or self.parent_paths[0], dtype=DTYPES[self.dtype], trust_remote_code=False
         ).to(self.device).eval()
         if self.vocab and self.model.get_input_embeddings().weight.shape[0] != self.vocab.size:
             self.model.resize_token_embeddings(self.vocab.size, mean_resizing=False)
         state = self.model.state_dict()
         self._targets = {name: state[name].view(-1) for name in self.shapes}
-        self._aux: dict[tuple[str, int | None], dict[str, torch.Tensor]] = {}
-        n_params = sum(t.numel() for t in self.base.values() if t is not None) or sum(
-            t[0].numel() for t in self.deltas.values())
-        self.compile = compiler_available() and n_params >= COMPILE_MIN_PARAMS if compile is None else compile
-        self._kernels: dict[str, Callable[..., None]] = {}
-
-    def prepare(self, method: MergeMethod, seed: int = 0) -> float:
-        """Compute, once per worker, the method's auxiliary inputs for every tensor; returns the seconds it took.
-
-        Ranks are kept for the worker's life; random bits for the latest seed (a study uses one seed throughout).
-        """
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for kind in method.aux:
-                key = (kind, seed) if kind == "bits" else (kind, None)
-                if key in self._aux:
-                    continue
-                if kind == "bits":
-                    self._aux = {k: v for k, v in self._aux.items() if k[0] != "bits"}
-                self._aux[key] = {n: prepare_aux((kind,), n, d, self.shapes[n], seed)[kind]
-                                  for n, d in self.deltas.items()}
-        return time.perf_counter() - t0
 
     def check(self, recipe: Recipe) -> MergeMethod:
         """Refuse a recipe that names other models, breaks its method's rules, or leaves a group without values."""
@@ -161,33 +217,9 @@ class Materializer:
                                  f"({self.tokenizer_source!r})")
         return check_recipe(recipe, self.groups)
 
-    def _kernel(self, method: MergeMethod) -> Callable[..., None]:
-        if method.name not in self._kernels:
-            self._kernels[method.name] = _compiled(method.name) if self.compile else _into
-        return self._kernels[method.name]
-
-    @torch.no_grad()
     def materialize(self, recipe: Recipe) -> PreTrainedModel:
-        """Overwrite the resident model's weights with the recipe's merge and return the model."""
-        method = self.check(recipe)
-        self.prepare(method, recipe.seed)
-        n = len(self.parent_paths)
-        params = {g: group_params(method, v, n, self.device) for g, v in recipe.groups.items()}
-        kernel = self._kernel(method)
-        owner = recipe_groups(self.deltas, recipe.groups)
-        for name, deltas in self.deltas.items():
-            aux = {kind: self._aux[(kind, recipe.seed if kind == "bits" else None)][name] for kind in method.aux}
-            stacked = deltas if method.uses_base or self.base[name] is None else deltas + self.base[name]
-            args = (self._targets[name], method, self.base[name], stacked, params[owner[name]], aux,
-                    recipe.options)
-            try:
-                kernel(*args)
-            except Exception as e:
-                if kernel is _into:
-                    raise
-                warnings.warn(f"torch.compile failed for {method.name} ({type(e).__name__}: {e}); merging eagerly")
-                self._kernels[method.name] = kernel = _into
-                kernel(*args)
+        """Overwrite the model's weights with the recipe's merge and return the model."""
+        self.merge(recipe, self.check(recipe), self._targets.__getitem__)
         return self.model
 
 
@@ -195,56 +227,35 @@ def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str 
                 max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Stream `recipe` into a Hugging Face model directory, tensor by tensor.
 
-    Writes safetensors shards (+ index), config, tokenizer, the recipe and a model card.  Only one tensor of each
-    parent is in memory at a time; the arithmetic is the search's, so the result equals the scored candidate.
+    Writes safetensors shards (+ index), config, tokenizer, the recipe and a model card.  The parents are mapped, not
+    loaded, and merged chunk by chunk with the search's function: the result equals the scored candidate.
     """
     out = Path(out_dir)
-    device = torch.device(device)
-    models = ([recipe.base] if recipe.base else []) + list(recipe.parents)
-    infos = [inspect_model(p) for p in models]
-    vocab = plan_vocab(recipe.base, recipe.parents, recipe.tokenizer_source) if recipe.tokenizer_source else None
-    (check_vocab_compatible if vocab else check_compatible)(infos)
-    shapes = dict(infos[0].shapes)
-    rows = {n for n in shapes if vocab and is_vocab_tensor(n, infos[0])}
-    shapes.update({n: (vocab.size, *shapes[n][1:]) for n in rows})
-    method = check_recipe(recipe, sorted({tensor_group(n) for n in shapes}, key=group_order))
-    base_reader = TensorReader(recipe.base) if recipe.base else None
-    readers = [TensorReader(p) for p in recipe.parents]
-    n = len(readers)
-    params = {g: group_params(method, v, n, device) for g, v in recipe.groups.items()}
-    owner = recipe_groups(shapes, recipe.groups)
+    merger = Merger(recipe.base, recipe.parents, device, mode="streaming", compile=False,
+                    tokenizer_source=recipe.tokenizer_source)
+    shapes = merger.shapes
+    method = check_recipe(recipe, merger.groups)
     out_dtype = DTYPES[recipe.dtype]
+    device = torch.device(device)
 
-    def read(name: str) -> list[torch.Tensor]:
-        """Base (if any) and parents' tensor; vocabulary matrices in the output vocabulary's rows."""
-        tensors = dict(zip(models, [r.get(name) for r in ([base_reader] if base_reader else []) + readers]))
-        return list((vocab.align(tensors) if name in rows else tensors).values())
-
-    @torch.no_grad()
-    def produce(name: str) -> torch.Tensor:
-        tensors = [t.to(device).float().reshape(-1) for t in read(name)]
-        base = tensors.pop(0) if base_reader else None
-        stacked = torch.stack(tensors)
-        if base is not None and method.uses_base:
-            stacked -= base
-        aux = prepare_aux(method.aux, name, stacked, shapes[name], recipe.seed)
-        merged = apply(method, base, stacked, params[owner[name]], aux, recipe.options)
-        return merged.to(out_dtype).reshape(shapes[name])
+    def produce(name: str) -> Tensor:
+        out = torch.empty(math.prod(shapes[name]), dtype=out_dtype, device=device)
+        merger.merge(recipe, method, lambda _: out, [name])
+        return out.reshape(shapes[name])
 
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
         old.unlink()
     write_sharded(out, ((k, shapes[k], out_dtype) for k in shapes), produce, max_shard_bytes)
     source = Path(recipe.base or recipe.parents[0])
-    config = dict(infos[0].config)
+    config = dict(merger.config)
     config["dtype"] = recipe.dtype
     config.pop("torch_dtype", None)
-    if vocab:
-        config["vocab_size"] = vocab.size
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if (source / "generation_config.json").is_file():
         shutil.copy(source / "generation_config.json", out / "generation_config.json")
-    (vocab.tokenizer if vocab else AutoTokenizer.from_pretrained(source, trust_remote_code=False)).save_pretrained(out)
+    tokenizer = merger.vocab.tokenizer if merger.vocab else AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    tokenizer.save_pretrained(out)
     recipe.save(out / "recipe.yaml")
     (out / "README.md").write_text(model_card(recipe, out))
     return out

@@ -11,11 +11,12 @@ vector; ``rescale`` compensates the entries a random drop removed.  Where mergek
 names the choice: ``density`` (default; the DARE/DELLA papers: divide survivors by their keep probability, which keeps
 the expectation of every entry) or ``l1`` (current mergekit: scale survivors so each task vector keeps its L1 norm).
 
-What a magnitude or random selection needs is an *auxiliary* input computed from the parents alone (``ranks``,
-``row_ranks``) or from the seed (``bits``): a resident worker computes the former once per study (see
-``Materializer``) so that a top-k trim for any density is one compare, and a streamed export computes them per tensor.
-Random drops use a counter-based hash of (seed, tensor name, parent, element index), so the search's candidate and
-the exported model are the same weights, in any order, on any device.
+A magnitude selection (TIES, breadcrumbs) declares the window of magnitude ranks it keeps per parent (``select``:
+``topk_window``, ``outlier_window``); the merge engine turns that window into a ``keep`` mask with mergekit's exact
+top-k count and tie order, without a per-element table (see ``parents.MagnitudeIndex``).  ``magnitude_keep`` is the
+same mask from a full sort, the reference the engine is tested against.  Random drops (``bits``) and DELLA's row
+ranks are computed where they are used, chunk by chunk: a counter-based hash of (seed, tensor name, parent, element
+index), so the search's candidate and the exported model are the same weights, in any order, on any device.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _sum0(x: Tensor) -> Tensor:
 def magnitude_ranks(deltas: Tensor) -> Tensor:
     """Rank of each entry's magnitude within its task vector (0 = smallest), ties broken by position: int32 [N, M].
 
-    With ranks, "keep the top k" is the exact compare ``rank >= M - k`` for any k, with mergekit's top-k count.
+    The order of mergekit's magnitude selections; here the reference for ``magnitude_keep``.
     """
     order = torch.argsort(deltas.abs(), dim=1, stable=True)
     ranks = torch.empty_like(order, dtype=torch.int32)
@@ -78,14 +79,13 @@ def tensor_seeds(seed: int, name: str, n: int, device: torch.device | str = "cpu
                         device=device)
 
 
-def random_bits(seeds: Tensor, m: int) -> Tensor:
-    """31 uniform random bits per entry, int32 [N, M]: a counter-based integer hash of (seed, index).
+def random_bits(seeds: Tensor, m: int, start: int = 0) -> Tensor:
+    """31 uniform random bits per entry of entries [start, start + m), int32 [N, m]: a hash of (seed, index).
 
-    They depend on the seed and the parents' shapes only, never on a candidate's densities, so a worker computes them
-    once per seed and a random drop costs one compare, like a magnitude trim.  Every product stays below 2**63, so
-    the arithmetic is exact in int64 on every backend.
+    Counter-based, so any chunk of a tensor is computed alone, inside the merge kernel, and is the same bits whatever
+    the chunking.  Every product stays below 2**63, so the arithmetic is exact in int64 on every backend.
     """
-    h = torch.arange(m, dtype=torch.int64, device=seeds.device)[None, :] + seeds[:, None]
+    h = torch.arange(start, start + m, dtype=torch.int64, device=seeds.device)[None, :] + seeds[:, None]
     h &= _MASK32  # in place: the eager (export) path keeps one [N, M] int64 buffer alive, not six
     h ^= h >> 16
     h *= 0x7FEB352D
@@ -105,22 +105,34 @@ def _keep_random(bits: Tensor, probability: Tensor) -> Tensor:
 
 # --- sparsification: which entries of each task vector survive --------------------------------------------------
 
-def trim_magnitude(deltas: Tensor, density: Tensor, ranks: Tensor) -> Tensor:
-    """TIES trim: keep each task vector's top ``floor(density * M)`` entries by magnitude, zero the rest."""
-    m = deltas.shape[1]
-    k = (density.double() * m).floor().long()[:, None]
-    return deltas * (ranks >= (m - k).to(ranks.dtype))
+def topk_window(m: int, density: Tensor, gamma: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """TIES trim: the ascending magnitude ranks [lo, hi) kept per parent — the top ``floor(density * M)``."""
+    k = (density.double() * m).floor().long()
+    return m - k, torch.full_like(k, m)
 
 
-def trim_outliers(deltas: Tensor, density: Tensor, gamma: Tensor, ranks: Tensor) -> Tensor:
+def outlier_window(m: int, density: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
     """Model Breadcrumbs: drop the top ``gamma`` fraction (outliers) and the smallest, keeping ``density`` in all."""
-    m = deltas.shape[1]
-    keep = (density.double() * m).floor().long()[:, None]
-    top = (gamma.double() * m).floor().long()[:, None]
+    keep = (density.double() * m).floor().long()
+    top = (gamma.double() * m).floor().long()
     bottom = m - keep - top
     top = torch.where(bottom < 0, top + bottom, top)
-    bottom = bottom.clamp_min(0).to(ranks.dtype)
-    return deltas * ((ranks >= bottom) & (ranks < (m - top).to(ranks.dtype)))
+    return bottom.clamp_min(0), m - top
+
+
+def magnitude_keep(deltas: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Entries whose magnitude rank in their task vector lies in [lo, hi), from a full sort (the reference)."""
+    ranks = magnitude_ranks(deltas)
+    return (ranks >= lo[:, None]) & (ranks < hi[:, None])
+
+
+def keep_from_keys(magnitudes: Tensor, index: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+    """``magnitude_keep`` from the keys (value, position) [N, 2] of ranks lo and hi: rank >= r exactly when
+    (|d|, index) >= key(r) lexicographically, the order of a stable ascending sort."""
+    def at_least(t: int) -> Tensor:
+        v, p = values[:, t:t + 1], positions[:, t:t + 1]
+        return (magnitudes > v) | ((magnitudes == v) & (index >= p))
+    return at_least(0) & ~at_least(1)
 
 
 def _rescaled(deltas: Tensor, kept: Tensor, probability: Tensor, rescale: bool, mode: str) -> Tensor:
@@ -201,11 +213,11 @@ def task_arithmetic(base: Tensor, deltas: Tensor, weight: Tensor, *, normalize: 
     return combine(base, deltas, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, ranks: Tensor, normalize: bool = True,
+def ties(base: Tensor, deltas: Tensor, weight: Tensor, *, keep: Tensor, normalize: bool = True,
          lambda_: float = 1.0) -> Tensor:
-    """TIES-Merging (Yadav et al.): trim by magnitude, elect signs, merge the agreeing entries."""
-    return combine(base, trim_magnitude(deltas, density, ranks), weight, consensus=True, normalize=normalize,
-                   lambda_=lambda_)
+    """TIES-Merging (Yadav et al.): trim by magnitude (`keep`, from ``topk_window``), elect signs, merge the agreeing
+    entries."""
+    return combine(base, deltas * keep, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
 def dare_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, bits: Tensor,
@@ -224,18 +236,17 @@ def dare_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *
     return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def breadcrumbs(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, gamma: Tensor, *, ranks: Tensor,
-                normalize: bool = False, lambda_: float = 1.0) -> Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky): drop outliers and small entries, then task arithmetic."""
-    return combine(base, trim_outliers(deltas, density, gamma, ranks), weight, consensus=False, normalize=normalize,
-                   lambda_=lambda_)
+def breadcrumbs(base: Tensor, deltas: Tensor, weight: Tensor, *, keep: Tensor, normalize: bool = False,
+                lambda_: float = 1.0) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky): drop outliers and small entries (`keep`, from ``outlier_window``),
+    then task arithmetic."""
+    return combine(base, deltas * keep, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def breadcrumbs_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, gamma: Tensor, *, ranks: Tensor,
-                     normalize: bool = False, lambda_: float = 1.0) -> Tensor:
+def breadcrumbs_ties(base: Tensor, deltas: Tensor, weight: Tensor, *, keep: Tensor, normalize: bool = False,
+                     lambda_: float = 1.0) -> Tensor:
     """Model Breadcrumbs trim, then TIES sign election."""
-    return combine(base, trim_outliers(deltas, density, gamma, ranks), weight, consensus=True, normalize=normalize,
-                   lambda_=lambda_)
+    return combine(base, deltas * keep, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
 def della(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, epsilon: Tensor, *, row_ranks: Tensor,
@@ -285,9 +296,11 @@ class MergeMethod:
     """A registered method.
 
     ``tensor_params``: per-parent values a recipe gives per merge group, with their defaults (None = required).
-    ``options``: global options with defaults.  ``aux``: what the function needs besides the tensors
-    (``ranks`` / ``row_ranks`` from the parents, ``bits`` from the recipe seed).  ``models``: allowed number of
-    parents (min, max).  ``uses_base``: the function works on task vectors and needs a base model.
+    ``options``: global options with defaults.  ``aux``: what the function needs besides the tensors (``keep`` from
+    a magnitude window, ``row_ranks`` from the parents, ``bits`` from the recipe seed).  ``select``: the magnitude
+    window behind ``keep``; it consumes ``density`` and ``gamma``.  ``models``: allowed number of parents (min, max).
+    ``uses_base``: the function works on task vectors and needs a base model.  ``whole_tensor``: the function reduces
+    over the whole tensor (norms), so it cannot run chunk by chunk.
     """
 
     name: str
@@ -297,6 +310,8 @@ class MergeMethod:
     uses_base: bool = True
     aux: tuple[str, ...] = ()
     models: tuple[int, int | None] = (1, None)
+    select: Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None
+    whole_tensor: bool = False
 
     @property
     def random(self) -> bool:
@@ -312,20 +327,21 @@ METHODS: dict[str, MergeMethod] = {
     for m in (
         MergeMethod("linear", linear, {"weight": None}, {"normalize": True}, uses_base=False),
         MergeMethod("task_arithmetic", task_arithmetic, {"weight": None}, dict(_GTA)),
-        MergeMethod("ties", ties, {"weight": None, "density": 1.0}, {**_GTA, "normalize": True}, aux=("ranks",)),
+        MergeMethod("ties", ties, {"weight": None, "density": 1.0}, {**_GTA, "normalize": True}, aux=("keep",),
+                    select=topk_window),
         MergeMethod("dare_ties", dare_ties, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM}, aux=("bits",)),
         MergeMethod("dare_linear", dare_linear, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM},
                     aux=("bits",)),
         MergeMethod("breadcrumbs", breadcrumbs, {"weight": None, "density": 1.0, "gamma": 0.01}, dict(_GTA),
-                    aux=("ranks",)),
+                    aux=("keep",), select=outlier_window),
         MergeMethod("breadcrumbs_ties", breadcrumbs_ties, {"weight": None, "density": 1.0, "gamma": 0.01},
-                    dict(_GTA), aux=("ranks",)),
+                    dict(_GTA), aux=("keep",), select=outlier_window),
         MergeMethod("della", della, {"weight": None, "density": 1.0, "epsilon": 0.0},
                     {**_GTA, **_RANDOM, "normalize": True}, aux=("row_ranks", "bits")),
         MergeMethod("della_linear", della_linear, {"weight": None, "density": 1.0, "epsilon": 0.0},
                     {**_GTA, **_RANDOM}, aux=("row_ranks", "bits")),
-        MergeMethod("slerp", slerp, {"t": None}, models=(1, 1)),
-        MergeMethod("model_stock", model_stock, {}, models=(2, None)),
+        MergeMethod("slerp", slerp, {"t": None}, models=(1, 1), whole_tensor=True),
+        MergeMethod("model_stock", model_stock, {}, models=(2, None), whole_tensor=True),
         MergeMethod("passthrough", passthrough, {"weight": None}, uses_base=False),
     )
 }
@@ -342,7 +358,7 @@ def apply(method: MergeMethod, base: Tensor | None, stacked: Tensor, params: dic
           aux: dict[str, Tensor], options: dict[str, Any]) -> Tensor:
     """Call a method's function on one flattened tensor: `stacked` is deltas [N, M] (or parents, without a base)."""
     kwargs = {("lambda_" if k == "lambda" else k): v for k, v in {**method.options, **options}.items()}
-    tensors = {p: params[p] for p in method.tensor_params}
+    tensors = {p: params[p] for p in method.tensor_params if not (method.select and p in ("density", "gamma"))}
     if method.uses_base:
         return method.fn(base, stacked, **tensors, **{a: aux[a] for a in method.aux}, **kwargs)
     return method.fn(stacked, **tensors, **kwargs)

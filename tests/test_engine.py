@@ -1,0 +1,114 @@
+"""The merge engine in both modes: every method's candidate is the streamed export, bit for bit, and magnitude
+selections are exactly a full sort's (mergekit's top-k count and tie order), on the tiny zoo and on a bf16 model
+whose tensors span several chunks and whose task vectors are full of ties (bf16 differences)."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from evomerge.io import load_state_dict, tensor_group, write_sharded
+from evomerge.merge import Materializer, write_model
+from evomerge.merge.materialize import group_params
+from evomerge.merge.methods import METHODS, apply, magnitude_keep
+from evomerge.merge.parents import CPU_CHUNK
+from evomerge.recipe import Recipe
+
+PARAMS = {
+    "linear": {}, "passthrough": {}, "task_arithmetic": {}, "ties": {"density": [0.37, 0.81]},
+    "dare_ties": {"density": [0.3, 0.6]}, "dare_linear": {"density": [0.5, 0.7]},
+    "breadcrumbs": {"density": [0.6, 0.45], "gamma": [0.05, 0.2]},
+    "breadcrumbs_ties": {"density": [0.5, 0.9], "gamma": [0.1, 0.0]},
+    "della": {"density": [0.5, 0.6], "epsilon": [0.2, 0.1]}, "della_linear": {"density": [0.4, 0.5], "epsilon": [0.1, 0.3]},
+    "slerp": {}, "model_stock": {},
+}
+
+
+def recipe_for(method: str, base: str, parents: list[str], groups: list[str], dtype: str, **options) -> Recipe:
+    if method == "slerp":
+        return Recipe(method, parents[:1], {g: {"t": [0.2 + 0.1 * i]} for i, g in enumerate(groups)}, base,
+                      dtype=dtype, seed=5)
+    values = {g: {"weight": [0.3 + 0.1 * i, 0.9 - 0.1 * i], **PARAMS[method]} for i, g in enumerate(groups)}
+    if method == "model_stock":
+        values = {g: {} for g in groups}
+    if method == "passthrough":
+        values = {g: {"weight": [0.0, 1.5] if i % 2 else [1.0, 0.0]} for i, g in enumerate(groups)}
+    return Recipe(method, parents, values, base if METHODS[method].uses_base or method == "linear" else None,
+                  dtype=dtype, seed=5, options=options)
+
+
+@pytest.fixture(scope="module")
+def bf16_zoo(tmp_path_factory, tiny):
+    """base + 2 parents in bf16, Llama-shaped, an embedding of 2 chunks and a bit; parents differ from the base by a
+    few bf16 steps, so |delta| takes few distinct values (ties everywhere) and some tensors are untouched (zeros)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("bf16")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+              "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "vocab_size": (2 * CPU_CHUNK + 4096) // 128, "max_position_embeddings": 64, "tie_word_embeddings": False,
+              "dtype": "bfloat16"}
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(LlamaConfig(**config)).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    base = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    paths = []
+    for i, name in enumerate(["base", "p0", "p1"]):
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny / "base" / f, d / f)
+        sd = {k: v if i == 0 or "norm" in k else (v.float() + torch.randn(v.shape, generator=g) * 0.004).to(
+            torch.bfloat16) for k, v in base.items()}
+        write_sharded(d, ((k, shapes[k], torch.bfloat16) for k in shapes), sd.__getitem__, max_shard_bytes=3_000_000)
+        paths.append(str(d))
+    return paths[0], paths[1:]
+
+
+def zoos(tiny, bf16_zoo):
+    return {"tiny": (str(tiny / "base"), [str(tiny / "up"), str(tiny / "rot")]), "bf16": bf16_zoo}
+
+
+@pytest.mark.parametrize("zoo", ["tiny", "bf16"])
+@pytest.mark.parametrize("mode", ["resident", "streaming"])
+def test_every_methods_candidate_is_the_streamed_export_bit_for_bit(zoo, mode, tiny, bf16_zoo, tmp_path):
+    base, parents = zoos(tiny, bf16_zoo)[zoo]
+    mat = Materializer(base, parents, mode=mode)
+    for method in METHODS:
+        options = {"rescale_mode": "l1"} if method == "dare_linear" else {}
+        recipe = recipe_for(method, base, parents, mat.groups, mat.dtype, **options)
+        if recipe.base != base or recipe.parents != parents:
+            candidate = Materializer(recipe.base, recipe.parents, mode=mode).materialize(recipe).state_dict()
+        else:
+            candidate = mat.materialize(recipe).state_dict()
+        exported = load_state_dict(write_model(recipe, tmp_path / method))
+        for k, v in exported.items():
+            assert torch.equal(candidate[k], v), (method, k)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_magnitude_selection_is_a_full_sorts_top_k_with_its_tie_order(method, bf16_zoo):
+    base, parents = bf16_zoo
+    mat = Materializer(base, parents, dtype="float32", mode="streaming")
+    recipe = recipe_for(method, base, parents, mat.groups, "float32")
+    model = mat.materialize(recipe).state_dict()
+    m = METHODS[method]
+    sds = [load_state_dict(p) for p in [base, *parents]]
+    ties_seen = 0
+    for name, shape in mat.shapes.items():
+        b = sds[0][name].float().reshape(-1)
+        deltas = torch.stack([sd[name].float().reshape(-1) for sd in sds[1:]]) - b
+        params = group_params(m, recipe.groups[tensor_group(name)], 2, torch.device("cpu"))
+        keep = magnitude_keep(deltas, *m.select(math.prod(shape), params["density"], params.get("gamma")))
+        expected = apply(m, b, deltas, params, {"keep": keep}, recipe.options)
+        assert torch.equal(model[name].reshape(-1), expected), name
+        ties_seen += int(deltas.abs().unique().numel() < deltas.shape[1] // 2)
+    assert ties_seen > 0
+
+
+def test_candidate_dtype_is_the_parents_unless_asked(bf16_zoo):
+    base, parents = bf16_zoo
+    assert Materializer(base, parents, mode="streaming").model.dtype == torch.bfloat16
+    assert Materializer(base, parents, dtype="float32", mode="streaming").model.dtype == torch.float32
