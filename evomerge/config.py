@@ -310,7 +310,7 @@ class WorkerConfig(_Strict):
     parents: Literal["auto", "resident", "host"] = Field(
         "auto", description="resident: on the device at their stored size; host: mapped from their files and "
                             "streamed to the device per candidate; auto: resident when they fit")
-    device_memory: float | None = Field(None, gt=0, description="GB the worker may use on its device "
+    device_memory: float | None = Field(None, gt=0, le=1e6, description="GB the worker may use on its device "
                                                                 "(default: what is free; host memory on CPU)")
 
 

@@ -27,8 +27,12 @@ def copy_zoo(tiny, root):
 
 
 def corrupt(model_dir):
-    """A weights file no reader can open (not even its header): reading any parent weight would fail loudly."""
-    (model_dir / "model.safetensors").write_bytes(b"\xff" * 64)
+    """Weights whose header is sound (shapes and tokenizer pass the checks made when the study file is read) but
+    that no worker can load (int32 data where float weights belong): reading any parent weight would fail loudly."""
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    save_file({k: v.to(torch.int32) for k, v in load_file(f).items()}, f)
 
 
 def test_run_against_an_unreachable_db_fails_before_any_parent_weight_is_read(tmp_path, tiny, evomerge_cmd):
@@ -38,7 +42,7 @@ def test_run_against_an_unreachable_db_fails_before_any_parent_weight_is_read(tm
     r = run(evomerge_cmd, "run", study, "--storage", f"sqlite:///{tmp_path}/no-such-folder/study.db")
     assert r.returncode == 2
     assert "cannot open the study DB" in r.stderr and "no-such-folder" in r.stderr
-    assert "safetensors" not in r.stderr
+    assert "float weights are expected" not in r.stderr
 
 
 def test_a_changed_study_signature_fails_before_any_parent_weight_is_read(tmp_path, tiny, evomerge_cmd):
@@ -53,7 +57,7 @@ def test_a_changed_study_signature_fails_before_any_parent_weight_is_read(tmp_pa
     r = run(evomerge_cmd, "run", study)
     assert r.returncode == 2
     assert "already exists in this storage with a different method" in r.stderr
-    assert "safetensors" not in r.stderr
+    assert "float weights are expected" not in r.stderr
 
 
 def test_the_memory_plan_refuses_a_study_that_cannot_fit_the_device_budget(tmp_path, evomerge_cmd):
