@@ -252,15 +252,18 @@ def _read_models(entries: Any, groups_tensors: dict[str, list[str]]):
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "model" not in e:
             raise InvalidRecipe(f"models.{i}", "expected {model: ..., parameters: {...}}")
-        if not isinstance(e.get("parameters") or {}, dict):
-            raise InvalidRecipe(f"models.{i}.parameters", "expected a mapping of parameter names to settings")
         model = str(e["model"])
         models.append(model)
         for g in groups_tensors:
-            entry = layer_params.setdefault((model, g), {})
-            for k, v in (e.get("parameters") or {}).items():
-                entry.setdefault(k, []).append((f"models.{i}.parameters.{k}", v))
+            _add_settings(layer_params.setdefault((model, g), {}), e.get("parameters"), f"models.{i}.parameters")
     return models, layer_params
+
+
+def _add_settings(entry: dict[str, Sources], parameters: dict | None, field: str) -> None:
+    """Append a section's settings to one (model, group)'s sources, each with the field that set it; the earlier
+    appended wins, so callers append in mergekit's precedence order."""
+    for k, v in (parameters or {}).items():
+        entry.setdefault(k, []).append((f"{field}.{k}", v))
 
 
 def _read_slices(slices: Any, num_layers: int, method: str, base: str | None):
@@ -299,10 +302,8 @@ def _read_slices(slices: Any, num_layers: int, method: str, base: str | None):
             models.append(model)
             for g in groups:
                 entry = layer_params.setdefault((model, g), {})
-                for k, v in (s.get("parameters") or {}).items():
-                    entry.setdefault(k, []).append((f"slices.{i}.sources.{j}.parameters.{k}", v))
-                for k, v in (sl.get("parameters") or {}).items():
-                    entry.setdefault(k, []).append((f"slices.{i}.parameters.{k}", v))
+                _add_settings(entry, s.get("parameters"), f"slices.{i}.sources.{j}.parameters")
+                _add_settings(entry, sl.get("parameters"), f"slices.{i}.parameters")
         out_layer = end
     if out_layer != num_layers:
         raise InvalidRecipe("slices", f"the slices cover {out_layer} layers, the model has {num_layers}: a merge that "
