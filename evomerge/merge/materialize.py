@@ -83,18 +83,17 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
     Everything a selection needs is computed here from the chunk's position (``start``), so nothing per element is
     stored between candidates and the compiled form is one fused pass."""
     b = base.float() if base is not None else None
-    stacked = torch.stack([p.float() for p in parents])
-    if b is not None and method.uses_base:
-        stacked = stacked - b
-    aux: dict[str, Tensor] = {}
+    xs = [p.float() - b if b is not None and method.uses_base else p.float() for p in parents]
+    length = xs[0].shape[0]
+    aux: dict[str, list[Tensor] | Tensor] = {}
     if keys is not None:
-        index = torch.arange(start, start + stacked.shape[1], device=stacked.device)
-        aux["keep"] = keep_from_keys(stacked.abs(), index, *keys)
+        index = torch.arange(start, start + length, device=xs[0].device)
+        aux["keep"] = keep_from_keys([x.abs() for x in xs], index, *keys)
     if seeds is not None:
-        aux["bits"] = random_bits(seeds, stacked.shape[1], start)
+        aux["bits"] = random_bits(seeds, length, start)
     if "row_ranks" in method.aux:
-        aux["row_ranks"] = row_rank_fractions(stacked, shape)
-    out.copy_(apply(method, b, stacked, params, aux, options))
+        aux["row_ranks"] = row_rank_fractions(xs, shape)
+    out.copy_(apply(method, b, xs, params, aux, options))
 
 
 def _compiled(name: str) -> Callable[..., None]:

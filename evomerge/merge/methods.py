@@ -1,9 +1,11 @@
-"""Merge methods: one short pure function per method over stacked, flattened tensors, parameters declared beside it.
+"""Merge methods: one short pure function per method over flattened tensors, parameters declared beside it.
 
 Every function sees one tensor of the model at a time, flattened: ``base`` [M] and ``deltas`` (task vectors, parent
-minus base) or ``params`` (the parents themselves) stacked as [N, M], and per-parent parameter vectors [N] (``weight``,
-``density``, ``gamma``, ``epsilon``, ``t``).  Everything is tensor arithmetic — no ``.item()``, no Python branching on
-values — so one function serves the eager path, the ``torch.compile``'d path and CUDA, and a candidate never syncs.
+minus base) or ``params`` (the parents themselves), one [M] tensor per parent — a list, or the rows of an [N, M]
+tensor — and per-parent parameter vectors [N] (``weight``, ``density``, ``gamma``, ``epsilon``, ``t``).  Parents are
+walked one by one rather than stacked: ``torch.compile`` on CPU copies a stack into a buffer, a list fuses into one
+pass.  Everything is tensor arithmetic — no ``.item()``, no Python branching on values — so one function serves the
+eager path, the ``torch.compile``'d path and CUDA, and a candidate never syncs.
 
 Names, meanings and defaults follow mergekit's documentation, so a mergekit config means the same here:
 ``normalize`` divides by the sum of the weights that contribute to each entry; ``lambda`` scales the merged task
@@ -28,12 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _pp(v: Tensor, like: Tensor) -> Tensor:
-    """A per-parent vector [N] shaped [N, 1] to broadcast against stacked tensors [N, M]."""
-    return v.to(like.dtype)[:, None]
+Parents = list[Tensor] | Tensor  # one flattened [M] tensor per parent
 
 
 def _add(parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
@@ -44,8 +41,9 @@ def _add(parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return total
 
 
-def _sum0(x: Tensor) -> Tensor:
-    return _add(x.unbind(0))
+def _weighted(xs: Parents, weight: Tensor) -> list[Tensor]:
+    w = weight.to(xs[0].dtype)
+    return [x * w[i] for i, x in enumerate(xs)]
 
 
 # --- auxiliary inputs: computed once per worker (resident) or per tensor (export) ----------------------------------
@@ -61,15 +59,18 @@ def magnitude_ranks(deltas: Tensor) -> Tensor:
     return ranks
 
 
-def row_rank_fractions(deltas: Tensor, shape: tuple[int, ...]) -> Tensor:
+def row_rank_fractions(deltas: Parents, shape: tuple[int, ...]) -> list[Tensor]:
     """DELLA's MagPrune ranks: each entry's magnitude rank within its row of the original tensor, scaled to [0, 1]."""
-    cols = shape[-1] if len(shape) > 1 else deltas.shape[1]
-    rows = deltas.reshape(deltas.shape[0], -1, cols).abs()
-    order = torch.argsort(rows, dim=2, stable=True)
-    ranks = torch.empty_like(rows)
-    steps = torch.arange(cols, dtype=rows.dtype, device=rows.device) / max(cols - 1, 1)
-    ranks.scatter_(2, order, steps.expand_as(order))
-    return ranks.reshape(deltas.shape)
+    out = []
+    for d in deltas:
+        cols = shape[-1] if len(shape) > 1 else d.shape[0]
+        rows = d.reshape(-1, cols).abs()
+        order = torch.argsort(rows, dim=1, stable=True)
+        ranks = torch.empty_like(rows)
+        steps = torch.arange(cols, dtype=rows.dtype, device=rows.device) / max(cols - 1, 1)
+        ranks.scatter_(1, order, steps.expand_as(order))
+        out.append(ranks.reshape(-1))
+    return out
 
 
 def tensor_seeds(seed: int, name: str, n: int, device: torch.device | str = "cpu") -> Tensor:
@@ -83,18 +84,17 @@ def random_bits(seeds: Tensor, m: int, start: int = 0) -> Tensor:
     """31 uniform random bits per entry of entries [start, start + m), int32 [N, m]: a hash of (seed, index).
 
     Counter-based, so any chunk of a tensor is computed alone, inside the merge kernel, and is the same bits whatever
-    the chunking.  Every product stays below 2**63, so the arithmetic is exact in int64 on every backend.
+    the chunking.  A 32-bit hash (lowbias32) in int32 lanes, twice as many per vector as int64 and with a native
+    multiply: sums and products wrap modulo 2**32 (two's complement, as on every backend torch has), and the
+    unsigned right shifts are arithmetic shifts masked to the bits an unsigned shift keeps.
     """
-    h = torch.arange(start, start + m, dtype=torch.int64, device=seeds.device)[None, :] + seeds[:, None]
-    h &= _MASK32  # in place: the eager (export) path keeps one [N, M] int64 buffer alive, not six
-    h ^= h >> 16
+    h = torch.arange(start, start + m, dtype=torch.int32, device=seeds.device)[None, :] + seeds.to(torch.int32)[:, None]
+    h ^= (h >> 16) & 0xFFFF  # in place: the eager (export) path keeps one [N, M] buffer alive, not six
     h *= 0x7FEB352D
-    h &= _MASK32
-    h ^= h >> 15
+    h ^= (h >> 15) & 0x1FFFF
     h *= 0x2C1B3C6D
-    h &= _MASK32
-    h ^= h >> 16
-    return (h >> 1).to(torch.int32)
+    h ^= (h >> 16) & 0xFFFF
+    return (h >> 1) & 0x7FFFFFFF
 
 
 def _keep_random(bits: Tensor, probability: Tensor) -> Tensor:
@@ -126,39 +126,42 @@ def magnitude_keep(deltas: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return (ranks >= lo[:, None]) & (ranks < hi[:, None])
 
 
-def keep_from_keys(magnitudes: Tensor, index: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+def keep_from_keys(magnitudes: Parents, index: Tensor, values: Tensor, positions: Tensor) -> list[Tensor]:
     """``magnitude_keep`` from the keys (value, position) [N, 2] of ranks lo and hi: rank >= r exactly when
     (|d|, index) >= key(r) lexicographically, the order of a stable ascending sort."""
-    def at_least(t: int) -> Tensor:
-        v, p = values[:, t:t + 1], positions[:, t:t + 1]
-        return (magnitudes > v) | ((magnitudes == v) & (index >= p))
-    return at_least(0) & ~at_least(1)
+    def at_least(a: Tensor, i: int, t: int) -> Tensor:
+        v, p = values[i, t], positions[i, t]
+        return (a > v) | ((a == v) & (index >= p))
+    return [at_least(a, i, 0) & ~at_least(a, i, 1) for i, a in enumerate(magnitudes)]
 
 
-def _rescaled(deltas: Tensor, kept: Tensor, probability: Tensor, rescale: bool, mode: str) -> Tensor:
+def _rescaled(deltas: Parents, kept: list[Tensor], probability: list[Tensor], rescale: bool,
+              mode: str) -> list[Tensor]:
     if not rescale:
         return kept
     if mode == "l1":
-        before = deltas.abs().sum(dim=1, keepdim=True)
-        after = kept.abs().sum(dim=1, keepdim=True)
-        ok = (before > 1e-7) & (after > 1e-7)
-        return kept * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)
-    return kept * (1.0 / probability.clamp_min(1e-12))  # a per-parent reciprocal, then multiplies
+        out = []
+        for d, k in zip(deltas, kept):
+            before, after = d.abs().sum(), k.abs().sum()
+            ok = (before > 1e-7) & (after > 1e-7)
+            out.append(k * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0))
+        return out
+    return [k * (1.0 / p.clamp_min(1e-12)) for k, p in zip(kept, probability)]  # a reciprocal, then multiplies
 
 
-def drop_random(deltas: Tensor, density: Tensor, bits: Tensor, rescale: bool, mode: str) -> Tensor:
+def drop_random(deltas: Parents, density: Tensor, bits: Parents, rescale: bool, mode: str) -> list[Tensor]:
     """DARE: keep each entry with probability ``density``, then rescale the survivors (see ``rescale_mode``)."""
-    d = _pp(density, deltas)
-    kept = deltas * _keep_random(bits, d)
+    d = [density.to(deltas[0].dtype)[i] for i in range(len(deltas))]
+    kept = [x * _keep_random(b, p) for x, b, p in zip(deltas, bits, d)]
     return _rescaled(deltas, kept, d, rescale, mode)
 
 
-def drop_magprune(deltas: Tensor, density: Tensor, epsilon: Tensor, row_ranks: Tensor, bits: Tensor,
-                  rescale: bool, mode: str) -> Tensor:
+def drop_magprune(deltas: Parents, density: Tensor, epsilon: Tensor, row_ranks: Parents, bits: Parents,
+                  rescale: bool, mode: str) -> list[Tensor]:
     """DELLA MagPrune: keep probability rises with magnitude rank in the row, from density-eps to density+eps."""
-    d, eps = _pp(density, deltas), _pp(epsilon, deltas)
-    p = torch.where(d >= 1, 1.0, d - eps + 2 * eps * row_ranks)
-    kept = deltas * _keep_random(bits, p)
+    d, eps = density.to(deltas[0].dtype), epsilon.to(deltas[0].dtype)
+    p = [torch.where(d[i] >= 1, 1.0, d[i] - eps[i] + 2 * eps[i] * r) for i, r in enumerate(row_ranks)]
+    kept = [x * _keep_random(b, q) for x, b, q in zip(deltas, bits, p)]
     return _rescaled(deltas, kept, p, rescale, mode)
 
 
@@ -170,15 +173,15 @@ def sign_consensus(weighted: list[Tensor]) -> list[Tensor]:
     return [x * majority > 0 for x in weighted]
 
 
-def combine(base: Tensor, deltas: Tensor, weight: Tensor, *, consensus: bool, normalize: bool,
+def combine(base: Tensor, deltas: Parents, weight: Tensor, *, consensus: bool, normalize: bool,
             lambda_: float) -> Tensor:
     """base + lambda * (weighted sum of task vectors, optionally sign-elected, optionally normalized).
 
     Parents are handled as a list, not a reduction over dim 0, so the compiled form is one fused pass with no
     [N, M] intermediates; masks multiply rather than select (``x * mask``), which vectorizes better on CPU.
     """
-    w = weight.to(deltas.dtype)
-    weighted = list((deltas * w[:, None]).unbind(0))
+    w = weight.to(deltas[0].dtype)
+    weighted = _weighted(deltas, weight)
     if consensus:
         agree = sign_consensus(weighted)
         merged = _add([x * a for a, x in zip(agree, weighted)])
@@ -195,32 +198,32 @@ def combine(base: Tensor, deltas: Tensor, weight: Tensor, *, consensus: bool, no
 
 # --- the methods ---------------------------------------------------------------------------------------------------
 
-def linear(params: Tensor, weight: Tensor, *, normalize: bool = True) -> Tensor:
+def linear(params: Parents, weight: Tensor, *, normalize: bool = True) -> Tensor:
     """Weighted average of the parents themselves (model soups)."""
-    merged = _sum0(params * _pp(weight, params))
+    merged = _add(_weighted(params, weight))
     total = weight.sum()
     return merged / torch.where(total.abs() < 1e-8, 1.0, total) if normalize else merged
 
 
-def passthrough(params: Tensor, weight: Tensor) -> Tensor:
+def passthrough(params: Parents, weight: Tensor) -> Tensor:
     """Take one parent's tensor (the one with a non-zero weight), times that weight (mergekit's ``scale``)."""
-    return _sum0(params * _pp(weight, params))
+    return _add(_weighted(params, weight))
 
 
-def task_arithmetic(base: Tensor, deltas: Tensor, weight: Tensor, *, normalize: bool = False,
+def task_arithmetic(base: Tensor, deltas: Parents, weight: Tensor, *, normalize: bool = False,
                     lambda_: float = 1.0) -> Tensor:
     """base + sum_i weight_i * task_vector_i (Ilharco et al.)."""
     return combine(base, deltas, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def ties(base: Tensor, deltas: Tensor, weight: Tensor, *, keep: Tensor, normalize: bool = True,
+def ties(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool = True,
          lambda_: float = 1.0) -> Tensor:
     """TIES-Merging (Yadav et al.): trim by magnitude (`keep`, from ``topk_window``), elect signs, merge the agreeing
     entries."""
-    return combine(base, deltas * keep, weight, consensus=True, normalize=normalize, lambda_=lambda_)
+    return combine(base, [d * k for d, k in zip(deltas, keep)], weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def dare_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, bits: Tensor,
+def dare_ties(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, *, bits: Parents,
               normalize: bool = False, rescale: bool = True, rescale_mode: str = "density",
               lambda_: float = 1.0) -> Tensor:
     """DARE (Yu et al.) random drop and rescale, then TIES sign election."""
@@ -228,7 +231,7 @@ def dare_ties(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, 
     return combine(base, dropped, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def dare_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *, bits: Tensor,
+def dare_linear(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, *, bits: Parents,
                 normalize: bool = False, rescale: bool = True, rescale_mode: str = "density",
                 lambda_: float = 1.0) -> Tensor:
     """DARE random drop and rescale, then plain task arithmetic."""
@@ -236,36 +239,36 @@ def dare_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, *
     return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def breadcrumbs(base: Tensor, deltas: Tensor, weight: Tensor, *, keep: Tensor, normalize: bool = False,
+def breadcrumbs(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool = False,
                 lambda_: float = 1.0) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky): drop outliers and small entries (`keep`, from ``outlier_window``),
     then task arithmetic."""
-    return combine(base, deltas * keep, weight, consensus=False, normalize=normalize, lambda_=lambda_)
+    return combine(base, [d * k for d, k in zip(deltas, keep)], weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def breadcrumbs_ties(base: Tensor, deltas: Tensor, weight: Tensor, *, keep: Tensor, normalize: bool = False,
+def breadcrumbs_ties(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool = False,
                      lambda_: float = 1.0) -> Tensor:
     """Model Breadcrumbs trim, then TIES sign election."""
-    return combine(base, deltas * keep, weight, consensus=True, normalize=normalize, lambda_=lambda_)
+    return combine(base, [d * k for d, k in zip(deltas, keep)], weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def della(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, epsilon: Tensor, *, row_ranks: Tensor,
-          bits: Tensor, normalize: bool = True, rescale: bool = True, rescale_mode: str = "density",
+def della(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, epsilon: Tensor, *, row_ranks: Parents,
+          bits: Parents, normalize: bool = True, rescale: bool = True, rescale_mode: str = "density",
           lambda_: float = 1.0) -> Tensor:
     """DELLA-Merging (Deep et al.): magnitude-ranked random drop (MagPrune) and rescale, then TIES sign election."""
     dropped = drop_magprune(deltas, density, epsilon, row_ranks, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def della_linear(base: Tensor, deltas: Tensor, weight: Tensor, density: Tensor, epsilon: Tensor, *,
-                 row_ranks: Tensor, bits: Tensor, normalize: bool = False, rescale: bool = True,
+def della_linear(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, epsilon: Tensor, *,
+                 row_ranks: Parents, bits: Parents, normalize: bool = False, rescale: bool = True,
                  rescale_mode: str = "density", lambda_: float = 1.0) -> Tensor:
     """DELLA MagPrune and rescale, then plain task arithmetic."""
     dropped = drop_magprune(deltas, density, epsilon, row_ranks, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def slerp(base: Tensor, deltas: Tensor, t: Tensor) -> Tensor:
+def slerp(base: Tensor, deltas: Parents, t: Tensor) -> Tensor:
     """Spherical interpolation from the base (t=0) to the one parent (t=1); linear when the two are nearly parallel."""
     v0, v1 = base, base + deltas[0]
     tt = t[0].to(base.dtype)
@@ -278,15 +281,15 @@ def slerp(base: Tensor, deltas: Tensor, t: Tensor) -> Tensor:
     return s0 * v0 + s1 * v1
 
 
-def model_stock(base: Tensor, deltas: Tensor) -> Tensor:
+def model_stock(base: Tensor, deltas: Parents) -> Tensor:
     """Model Stock (Jang et al.): move from the base toward the parents' average by the angle between task vectors."""
-    n = deltas.shape[0]
-    norms = deltas.norm(dim=1)
+    n = len(deltas)
+    norms = [d.norm() for d in deltas]
     cosines = [(deltas[i] * deltas[j]).sum() / (norms[i] * norms[j]).clamp_min(1e-6)
                for i in range(n) for j in range(i + 1, n)]
     cos = torch.stack(cosines).mean().clamp(-1, 1)
     ratio = n * cos / (1 + (n - 1) * cos)
-    return base + ratio * _sum0(deltas) / n
+    return base + ratio * _add(list(deltas)) / n
 
 
 # --- the registry --------------------------------------------------------------------------------------------------
@@ -354,14 +357,14 @@ def get_method(name: str) -> MergeMethod:
         raise ValueError(f"unknown merge method {name!r}; allowed: {', '.join(METHODS)}") from None
 
 
-def apply(method: MergeMethod, base: Tensor | None, stacked: Tensor, params: dict[str, Tensor],
-          aux: dict[str, Tensor], options: dict[str, Any]) -> Tensor:
-    """Call a method's function on one flattened tensor: `stacked` is deltas [N, M] (or parents, without a base)."""
+def apply(method: MergeMethod, base: Tensor | None, xs: Parents, params: dict[str, Tensor],
+          aux: dict[str, Parents], options: dict[str, Any]) -> Tensor:
+    """Call a method's function on one flattened tensor: `xs` are the deltas (or the parents, without a base)."""
     kwargs = {("lambda_" if k == "lambda" else k): v for k, v in {**method.options, **options}.items()}
     tensors = {p: params[p] for p in method.tensor_params if not (method.select and p in ("density", "gamma"))}
     if method.uses_base:
-        return method.fn(base, stacked, **tensors, **{a: aux[a] for a in method.aux}, **kwargs)
-    return method.fn(stacked, **tensors, **kwargs)
+        return method.fn(base, xs, **tensors, **{a: aux[a] for a in method.aux}, **kwargs)
+    return method.fn(xs, **tensors, **kwargs)
 
 
 # --- validation: everything that can be checked before any tensor is read -----------------------------------------
