@@ -180,6 +180,25 @@ class OptunaSampler(Optimizer):
     @abc.abstractmethod
     def _sampler(self, seed: int): ...
 
+    def __getstate__(self) -> dict:
+        """Pickled without its sampler, which `ask` rebuilds from (seed, generation) anyway (Optuna 5's NSGA-II
+        sampler holds a thread lock, which does not pickle), and with the asked trials by id (each holds the study)."""
+        import copy
+
+        import optuna
+
+        state = dict(self.__dict__)
+        state["study"] = copy.copy(self.study)
+        state["study"].sampler = optuna.samplers.RandomSampler(seed=self.seed)
+        state["_asked"] = [t._trial_id for t in self._asked]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from optuna.trial import Trial
+
+        self.__dict__.update(state)
+        self._asked = [Trial(self.study, t) if isinstance(t, int) else t for t in state["_asked"]]
+
     def _distributions(self) -> dict:
         from optuna.distributions import FloatDistribution
 

@@ -88,10 +88,12 @@ def test_every_methods_candidate_is_the_streamed_export_bit_for_bit(zoo, mode, t
             assert torch.equal(candidate[k], v), (method, k)
 
 
+@pytest.mark.parametrize("chunk", [None, 1000])
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
-def test_magnitude_selection_is_a_full_sorts_top_k_with_its_tie_order(method, bf16_zoo):
+def test_magnitude_selection_is_a_full_sorts_top_k_with_its_tie_order(method, chunk, bf16_zoo):
     base, parents = bf16_zoo
     mat = Materializer(base, parents, dtype="float32", mode="streaming")
+    mat.store.chunk = chunk or mat.store.chunk  # 1000: brackets whose entries span many chunks
     recipe = recipe_for(method, base, parents, mat.groups, "float32")
     model = mat.materialize(recipe).state_dict()
     m = METHODS[method]

@@ -34,7 +34,7 @@ from ..recipe import Recipe
 from ..vocab import check_vocab_compatible, plan_vocab
 from .methods import (InvalidRecipe, MergeMethod, apply, keep_from_keys, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
-from .parents import MagnitudeIndex, ParentStore, row_chunks
+from .parents import MagnitudeIndex, ParentStore, Selection, equal_magnitude, row_chunks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MIN_PARAMS = 50_000_000
@@ -77,30 +77,46 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
 
 def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
           keys: tuple[Tensor, Tensor] | None, seeds: Tensor | None, start: int, shape: tuple[int, ...],
-          options: dict[str, Any]) -> None:
+          options: dict[str, Any], marks: tuple[Tensor, Tensor] | None = None, groups: Tensor | None = None,
+          index: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
-    Everything a selection needs is computed here from the chunk's position (``start``), so nothing per element is
-    stored between candidates and the compiled form is one fused pass."""
+    Everything a selection needs is computed here from the chunk's position (``start``, or the entries' `index`), so
+    nothing per element is stored between candidates and the compiled form is one fused pass.  With `marks` (lo,
+    hi [N, T]) it also returns the mask of entries whose |delta| lies strictly inside one of those brackets, with
+    `groups` [N, T] the count of entries equal to each (see ``parents.Selection``)."""
     b = base.float() if base is not None else None
     xs = [p.float() - b if b is not None and method.uses_base else p.float() for p in parents]
     length = xs[0].shape[0]
     aux: dict[str, list[Tensor] | Tensor] = {}
+    marked = counts = None
     if keys is not None:
-        index = torch.arange(start, start + length, device=xs[0].device)
-        aux["keep"] = keep_from_keys([x.abs() for x in xs], index, *keys)
+        if index is None:  # int32 where positions fit: twice the lanes of int64
+            index = torch.arange(start, start + length, dtype=keys[1].dtype, device=xs[0].device)
+        magnitudes = [x.abs() for x in xs]
+        aux["keep"] = keep_from_keys(magnitudes, index, *keys)
+        if marks is not None:
+            lo, hi = marks
+            for i, a in enumerate(magnitudes):
+                for t in range(lo.shape[1]):
+                    inside = (a > lo[i, t]) & (a < hi[i, t])
+                    marked = inside if marked is None else marked | inside
+        if groups is not None:
+            counts = torch.stack([(a == groups[i, t]).sum(dtype=torch.int32) for i, a in enumerate(magnitudes)
+                                  for t in range(groups.shape[1])]).reshape(groups.shape)
     if seeds is not None:
         aux["bits"] = random_bits(seeds, length, start)
     if "row_ranks" in method.aux:
         aux["row_ranks"] = row_rank_fractions(xs, shape)
     out.copy_(apply(method, b, xs, params, aux, options))
+    return marked, counts
 
 
 def _compiled(name: str) -> Callable[..., None]:
     """`_into` compiled for one method.  Dynamo caches compiled graphs per code object (8 variants at most), so each
     method gets its own copy of the code: twelve methods sharing one cache would evict each other back to eager."""
     code = _into.__code__.replace(co_name=f"_into_{name}")
-    return torch.compile(types.FunctionType(code, _into.__globals__, code.co_name), dynamic=True)
+    return torch.compile(types.FunctionType(code, _into.__globals__, code.co_name, _into.__defaults__), dynamic=True)
 
 
 def compiler_available() -> bool:
@@ -136,13 +152,14 @@ class Merger:
         n_params = sum(math.prod(s) for s in self.shapes.values())
         self.compile = compiler_available() and n_params >= COMPILE_MIN_PARAMS if compile is None else compile
         self._kernels: dict[str, Callable[..., None]] = {}
+        self._equal = torch.compile(equal_magnitude, dynamic=True) if self.compile else equal_magnitude
 
     def prepare(self, method: MergeMethod) -> float:
         """Build, once per worker, the magnitude index a selecting method needs; returns the seconds it took."""
         t0 = time.perf_counter()
         if method.select is not None and self.index is None:
             with torch.no_grad():
-                self.index = MagnitudeIndex(self.store, self.shapes, self.compile)
+                self.index = MagnitudeIndex(self.store, self.shapes)
         return time.perf_counter() - t0
 
     def _kernel(self, method: MergeMethod) -> Callable[..., None]:
@@ -165,27 +182,49 @@ class Merger:
             shape = self.shapes[name]
             out = write(name)
             p = params[owner[name]]
-            keys = None
+            seeds = tensor_seeds(recipe.seed, name, n, self.device) if method.random else None
+            selection = None
             if method.select is not None:
                 m = math.prod(shape)
                 lo, hi = method.select(m, p["density"].cpu(), p.get("gamma", p["density"]).cpu())
-                keys = self.index.keys(name, shape, torch.stack([lo, hi], 1))
-            seeds = tensor_seeds(recipe.seed, name, n, self.device) if method.random else None
+                ranks = lo[:, None] if bool((hi >= m).all()) else torch.stack([lo, hi], 1)  # TIES: up to the top
+                selection = self.index.select(name, m, ranks)
+            keys = (selection.values, selection.positions) if selection else None
+            marks = (selection.lo, selection.hi) if selection and selection.marked else None
+            again = []
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
-                self._run(method, (out[s:e], method, b, ps, p, keys, seeds, s, shape, options))
+                groups = selection.groups if selection and selection.ties else None
+                mask, counts = self._run(method, (out[s:e], method, b, ps, p, keys, seeds, s, shape, options, marks,
+                                                  groups))
+                if mask is not None:
+                    again.append(mask.nonzero().squeeze(1) + s)
+                if counts is not None:
+                    again += selection.advance(s, counts.cpu(), b, ps, self._equal)
+            if again:
+                self._remerge(name, out, torch.cat(again).unique(), method, selection, p, shape, options)
         if self.device.type == "cpu":
             release_freed_memory()
 
-    def _run(self, method: MergeMethod, args: tuple) -> None:
+    def _remerge(self, name: str, out: Tensor, positions: Tensor, method: MergeMethod, selection: Selection,
+                 params: dict[str, Tensor], shape: tuple[int, ...], options: dict[str, Any]) -> None:
+        """Merge again, with the exact keys, the few entries the pass marked inside a bracket (see parents.py)."""
+        base, parents = self.store.gather(name, positions)
+        magnitudes = [(q.float() - base.float()).abs() for q in parents]
+        keys = self.index.resolve(selection, positions, magnitudes)
+        merged = torch.empty(positions.numel(), dtype=out.dtype, device=out.device)
+        _into(merged, method, base, parents, params, keys, None, 0, shape, options, index=positions)
+        out[positions] = merged
+
+    def _run(self, method: MergeMethod, args: tuple) -> Tensor | None:
         kernel = self._kernel(method)
         try:
-            kernel(*args)
+            return kernel(*args)
         except Exception as e:
             if kernel is _into:
                 raise
             warnings.warn(f"torch.compile failed for {method.name} ({type(e).__name__}: {e}); merging eagerly")
             self._kernels[method.name] = _into
-            _into(*args)
+            return _into(*args)
 
 
 class Materializer(Merger):

@@ -127,11 +127,13 @@ def magnitude_keep(deltas: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def keep_from_keys(magnitudes: Parents, index: Tensor, values: Tensor, positions: Tensor) -> list[Tensor]:
-    """``magnitude_keep`` from the keys (value, position) [N, 2] of ranks lo and hi: rank >= r exactly when
-    (|d|, index) >= key(r) lexicographically, the order of a stable ascending sort."""
+    """``magnitude_keep`` from the keys (value, position) [N, T] of ranks lo and, when T = 2, hi (T = 1: up to the
+    top): rank >= r exactly when (|d|, index) >= key(r) lexicographically, the order of a stable ascending sort."""
     def at_least(a: Tensor, i: int, t: int) -> Tensor:
         v, p = values[i, t], positions[i, t]
         return (a > v) | ((a == v) & (index >= p))
+    if values.shape[1] == 1:
+        return [at_least(a, i, 0) for i, a in enumerate(magnitudes)]
     return [at_least(a, i, 0) & ~at_least(a, i, 1) for i, a in enumerate(magnitudes)]
 
 

@@ -11,9 +11,10 @@ difference between the two modes:
   pinned buffers on CUDA, copy overlapped with compute; on CPU the mapped pages are read in place).
 
 Magnitude selections (TIES, breadcrumbs) need the value of the k-th largest |parent − base| of a tensor for a density
-only known per candidate.  `MagnitudeIndex` keeps a sorted sample of |delta| per tensor and parent (≤ 1/64 of its
-entries in fp32: 0.0625 byte/param) that brackets the k-th value within a few standard errors of a quantile (about
-1% of the entries for a 1M-entry tensor); one pass over the chunks then finds it exactly,
+only known per candidate.  `MagnitudeIndex`, built once per worker, keeps per tensor and parent a sorted sample of
+|delta| (1/128 of its entries) with the exact count of entries below each sample value: 0.0625 byte/param.  A rank's
+value then lies in a known bracket of about 128 entries, so the candidate's one merge pass keeps everything above the
+bracket and marks the few entries inside it; the exact key is found among those, and only they are merged again —
 with mergekit's top-k count and its tie order (equal magnitudes kept from the highest position down, as a stable
 ascending argsort ranks them).
 """
@@ -22,7 +23,8 @@ from __future__ import annotations
 import json
 import math
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +38,7 @@ CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 22
 
 def chunk_size(device: torch.device) -> int:
     return CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
-SAMPLE_FRACTION = 64
+SAMPLE_FRACTION = 128  # one index entry per 128 entries of a parent: an fp32 bound + an int32 count, 1/16 byte
 _ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -128,6 +130,12 @@ class ParentStore:
             yield (s, e, parts[0], parts[1:]) if self.has_base else (s, e, None, parts)
 
 
+    def gather(self, name: str, positions: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+        """The entries at `positions` of the base and each parent, on the device, in the stored dtype."""
+        parts = [m[name][positions.to(m[name].device)].to(self.device) for m in self.models]
+        return (parts[0], parts[1:]) if self.has_base else (None, parts)
+
+
 class _Stager:
     """Host-to-CUDA streaming: chunks copied into pinned buffers, then to the device on a side stream, one chunk ahead
     of the merge, so the copy of chunk i+1 overlaps the kernel of chunk i."""
@@ -173,118 +181,119 @@ class _Stager:
         return (s, e, parts[0], parts[1:]) if has_base else (s, e, None, parts)
 
 
-def _count_brackets(parents: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For one chunk: per parent and bracket [lo, hi] ([N, T]) the entries whose |delta| is above it and inside it,
-    and the mask [N, L] of entries inside any of a parent's brackets; one fused pass when compiled."""
-    a = (torch.stack([p.float() for p in parents]) - base.float()).abs()[:, None, :]
-    above = (a > hi[:, :, None]).sum(-1)
-    within = (a >= lo[:, :, None]) & (a <= hi[:, :, None])
-    return above, within.sum(-1), within.any(1)
+@dataclass
+class Selection:
+    """The magnitude keys of one tensor for one candidate, made exact during its one merge pass.
+
+    A rank whose bracket starts with a group of equal magnitudes holding it (``ties``: rank among the group) gets the
+    key (value, position of that entry), the position found by counting the group chunk by chunk (`advance`); until
+    then no entry of the group is kept.  A rank above the group (``marked``: rank among and count of the entries
+    strictly inside the bracket) keeps, provisionally, everything above the group; the kernel marks the entries inside
+    (`lo`, `hi`: open bounds, empty where none) and ``MagnitudeIndex.resolve`` finds the key among them."""
+
+    values: Tensor
+    positions: Tensor
+    lo: Tensor
+    hi: Tensor
+    groups: Tensor
+    marked: dict[tuple[int, int], tuple[int, int]]
+    ties: dict[tuple[int, int], int]
+    seen: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def advance(self, start: int, counts: Tensor, base: Tensor, parents: list[Tensor],
+                equal: Callable[[Tensor, Tensor, Tensor], Tensor]) -> list[Tensor]:
+        """After the chunk at `start` was merged, with `counts` [N, T] of its entries equal to each pending group's
+        value (`groups`, NaN where none): where a group crosses its rank here, the key takes that entry's position
+        (later chunks keep the group's entries from there on) and the group's entries of this chunk from that
+        position are returned, to be merged again.  `equal(parent, base, value)`: the mask |parent − base| == value."""
+        again = []
+        for key, rank in list(self.ties.items()):
+            i, t = key
+            before = self.seen.get(key, 0)
+            self.seen[key] = before + int(counts[i, t])
+            if self.seen[key] <= rank:
+                continue
+            group = torch.nonzero(equal(parents[i], base, self.values[i, t])).squeeze(1)
+            self.positions[i, t] = start + int(group[rank - before])
+            self.groups[i, t] = math.nan
+            again.append(start + group[rank - before:])
+            del self.ties[key]
+        return again
+
+
+def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor) -> Tensor:
+    """The entries whose |parent − base| equals `value`: a group of ties (one fused pass when compiled)."""
+    return (parent.float() - base.float()).abs() == value
 
 
 class MagnitudeIndex:
-    """Per tensor and parent, a sorted sample of |parent − base| that brackets any rank's value (see module doc)."""
+    """Per tensor and parent, |parent − base| at evenly spaced quantiles, and the exact count of entries below and
+    at or below each: any rank's value lies in a known bracket (see `Selection`)."""
 
-    def __init__(self, store: ParentStore, shapes: dict[str, tuple[int, ...]], compile: bool = False):
+    def __init__(self, store: ParentStore, shapes: dict[str, tuple[int, ...]]):
         self.store = store
-        self._count = torch.compile(_count_brackets, dynamic=True) if compile else _count_brackets
-        self.samples: dict[str, Tensor] = {}
+        self.bounds: dict[str, Tensor] = {}  # [N, S + 2]: 0, the sorted sample, inf
+        self.below: dict[str, Tensor] = {}   # [N, S + 2]: entries with |delta| < each bound
+        self.upto: dict[str, Tensor] = {}    # [N, S + 2]: entries with |delta| <= each bound
         for name, shape in shapes.items():
-            m = math.prod(shape)
-            s = max(1, m // SAMPLE_FRACTION)
-            idx = torch.arange(s) * (m - 1) // max(s - 1, 1)  # evenly spaced, integer arithmetic (exact)
-            views = [mm[name] for mm in store.models]
-            b = views[0][idx.to(views[0].device)].float()
-            self.samples[name] = torch.stack([(p[idx.to(p.device)].float() - b).abs() for p in views[1:]]).sort(
-                dim=1).values
+            self._build(name, shape)
 
-    def keys(self, name: str, shape: tuple[int, ...], ranks: Tensor) -> tuple[Tensor, Tensor]:
-        """For ascending ranks [N, T] (0 = smallest |delta|), the keys (value, position) [N, T] of those ranks.
-
-        Entry j of parent i has rank ≥ ranks[i, t] exactly when (|d_j|, j) ≥ (value, position) lexicographically —
-        the order of a stable ascending argsort.  Ranks ≤ 0 give (−1, 0) (every entry), ranks ≥ M give (inf, 0) (none).
-        """
+    def _build(self, name: str, shape: tuple[int, ...]) -> None:
         m = math.prod(shape)
-        n, t = ranks.shape
-        values = torch.full((n, t), -1.0)
-        positions = torch.zeros((n, t), dtype=torch.int64)
-        values[ranks >= m] = math.inf
-        todo = [(i, j, int(ranks[i, j])) for i in range(n) for j in range(t) if 0 < ranks[i, j] < m]
-        sample = self.samples[name].cpu()
-        size = sample.shape[1]
-        attempt = 0
-        while todo:  # a sample that misses its bracket (a rare draw) is searched again with a wider one
-            brackets = {}
-            for i, j, r in todo:
-                q = r * size // m
-                widen = 8 ** max(attempt - 1, 0)
-                half = widen * (math.ceil(4 * math.sqrt(q * (size - q) / size)) + 2)  # 4 sigma of a quantile's rank
-                lo = float(sample[i, q - half]) if q >= half else -1.0
-                hi = float(sample[i, q + half]) if q + half < size else math.inf
-                if attempt == 0 and 0 < q < size - 1 and sample[i, q - 1] == sample[i, q + 1]:
-                    lo = hi = float(sample[i, q])  # a tie group spans the quantile (bf16 deltas): count, don't gather
-                brackets[(i, j)] = (lo, hi)
-            found = self._select(name, shape, todo, brackets)
-            for (i, j), (v, p) in found.items():
-                values[i, j], positions[i, j] = v, p
-            todo = [(i, j, r) for i, j, r in todo if (i, j) not in found]
-            attempt += 1
-        return values.to(self.store.device), positions.to(self.store.device)
+        s = max(1, m // SAMPLE_FRACTION)
+        idx = torch.arange(s) * (m - 1) // max(s - 1, 1)  # evenly spaced, integer arithmetic (exact)
+        views = [mm[name] for mm in self.store.models]
+        device = self.store.device
+        b = views[0][idx.to(views[0].device)].float()
+        sample = torch.stack([(p[idx.to(p.device)].float() - b).abs() for p in views[1:]]).sort(dim=1).values
+        sample = sample.to(device)
+        n = sample.shape[0]
+        bounds = torch.cat([torch.zeros((n, 1), device=device), sample,
+                            torch.full((n, 1), math.inf, device=device)], 1)
+        below = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
+        upto = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
+        for _, _, base, parents in self.store.chunks(name, row_chunks(shape, self.store.chunk)):
+            for i, p in enumerate(parents):
+                a = (p.float() - base.float()).abs_()
+                # entry j counts below bound k (resp. at or below) for every k past its searchsorted slot
+                below[i] += torch.bincount(torch.searchsorted(bounds[i], a, right=True), minlength=s + 3)
+                upto[i] += torch.bincount(torch.searchsorted(bounds[i], a), minlength=s + 3)
+        count = torch.int32 if m < 2**31 else torch.int64
+        self.bounds[name] = bounds
+        self.below[name] = below.cumsum(1)[:, :-1].to(count)
+        self.upto[name] = upto.cumsum(1)[:, :-1].to(count)
 
-    def _select(self, name: str, shape: tuple[int, ...], todo: list[tuple[int, int, int]],
-                brackets: dict[tuple[int, int], tuple[float, float]]) -> dict[tuple[int, int], tuple[float, int]]:
-        """One pass over the tensor: entries above each bracket counted, entries inside it kept (values only)."""
-        m = math.prod(shape)
-        ranges = row_chunks(shape, self.store.chunk)
-        n, t = len(self.store.models) - 1, 1 + max(j for _, j, _ in todo)
-        lo, hi = torch.full((n, t), math.inf), torch.full((n, t), -math.inf)  # empty where nothing is searched
-        for (i, j), (low, high) in brackets.items():
-            lo[i, j], hi[i, j] = low, high
-        lo, hi = lo.to(self.store.device), hi.to(self.store.device)
-        above = torch.zeros((n, t), dtype=torch.int64, device=self.store.device)
-        # per bracket and chunk: the values inside it, or only their count for a one-value bracket (all equal to it)
-        inside: dict[tuple[int, int], list[Tensor | int]] = {key: [] for key in brackets}
-        gather = sorted({i for (i, _), (low, high) in brackets.items() if low < high})
-        with torch.no_grad():
-            for s, e, b, ps in self.store.chunks(name, ranges):
-                counts, within, mask = self._count(ps, b, lo, hi)
-                above += counts
-                within = within.cpu()
-                for (i, j), (low, high) in brackets.items():
-                    if low == high:
-                        inside[(i, j)].append(int(within[i, j]))
-                for i in gather:
-                    at = mask[i].nonzero().squeeze(1)
-                    a = (ps[i][at].float() - b[at].float()).abs_()
-                    for (pi, j), (low, high) in brackets.items():
-                        if pi == i and low < high:
-                            inside[(i, j)].append(a[(a >= low) & (a <= high)])
-        above = {key: int(above[key]) for key in brackets}
-        found = {}
-        for i, j, r in todo:
-            vals = inside[(i, j)]
-            point = brackets[(i, j)][0] == brackets[(i, j)][1]
-            n_in = sum(vals) if point else sum(len(v) for v in vals)
-            first = m - above[(i, j)] - n_in  # rank of the bracket's smallest entry
-            if not first <= r < first + n_in:
-                continue
-            if point:
-                v, greater, equal = brackets[(i, j)][0], above[(i, j)], vals
-            else:
-                v = float(torch.cat(vals).sort().values[r - first])
-                greater = above[(i, j)] + sum(int((x > v).sum()) for x in vals)
-                equal = [int((x == v).sum()) for x in vals]
-            keep_equal = (m - r) - greater  # the entries equal to v that rank ≥ r: the last ones by position
-            skip = sum(equal) - keep_equal
-            if skip == 0 or v == 0.0:  # a zero delta contributes nothing kept or not
-                found[(i, j)] = (v, 0)
-                continue
-            for c, count in enumerate(equal):
-                if skip < count:
-                    s, e = ranges[c]
-                    (_, _, b, ps), = self.store.chunks(name, [(s, e)])
-                    a = (ps[i].float() - b.float()).abs_()
-                    found[(i, j)] = (v, s + int(torch.nonzero(a == v)[skip, 0]))
-                    break
-                skip -= count
-        return found
+    def select(self, name: str, m: int, ranks: Tensor) -> Selection:
+        """The keys of ascending ranks [N, T] (0 = smallest |delta|): entry j of parent i has rank ≥ ranks[i, t]
+        exactly when (|d_j|, j) ≥ (value, position) lexicographically, the order of a stable ascending argsort.
+        Ranks ≤ 0 give (−1, 0) (every entry), ranks ≥ M give (inf, 0) (none)."""
+        bounds, below, upto = self.bounds[name], self.below[name].long(), self.upto[name].long()
+        ranks = ranks.to(bounds.device)
+        k = (torch.searchsorted(below, ranks, right=True) - 1).clamp(0, below.shape[1] - 2)
+        lo, hi = bounds.gather(1, k), bounds.gather(1, k + 1)
+        first, group, last = below.gather(1, k), upto.gather(1, k), below.gather(1, k + 1)
+        inside = (ranks > 0) & (ranks < m)
+        zero = inside & (ranks < group) & (lo == 0)  # among the zero deltas: key (0, 0) keeps every non-zero one
+        tie = inside & (ranks < group) & (lo > 0)
+        mark = inside & (ranks >= group)
+        values = torch.where(ranks >= m, math.inf, torch.where(inside, lo, -1.0))
+        positions = torch.where(inside & ~zero, m, 0)  # a group at lo is not kept until its rank's position is found
+        host = torch.stack([ranks - first, ranks - group, last - group, tie.long(), mark.long()]).cpu()
+        ties = {(i, t): int(host[0, i, t]) for i, t in host[3].nonzero().tolist()}
+        marked = {(i, t): (int(host[1, i, t]), int(host[2, i, t])) for i, t in host[4].nonzero().tolist()}
+        return Selection(values, positions, torch.where(mark, lo, math.inf), torch.where(mark, hi, -math.inf),
+                         torch.where(tie, lo, math.nan), marked, ties)
+
+    def resolve(self, selection: Selection, positions: Tensor, magnitudes: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The exact keys, from the entries merged again: their `positions` (ascending) and |delta| per parent."""
+        values, where = selection.values.clone(), selection.positions.clone()
+        for (i, t), (rank, count) in selection.marked.items():
+            a = magnitudes[i]
+            inside = (a > selection.lo[i, t]) & (a < selection.hi[i, t])
+            vals, pos = a[inside], positions[inside]
+            if vals.numel() != count:
+                raise RuntimeError(f"magnitude index out of date: {count} entries expected in a bracket, "
+                                   f"{vals.numel()} found")
+            j = torch.sort(vals, stable=True).indices[rank]  # positions ascend: equal values keep position order
+            values[i, t], where[i, t] = vals[j], pos[j]
+        return values, where
