@@ -10,6 +10,7 @@ Export runs the same function over mapped parents, so an exported recipe is exac
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import json
 import math
@@ -34,7 +35,7 @@ from ..recipe import Recipe
 from ..vocab import check_vocab_compatible, plan_vocab
 from .methods import (InvalidRecipe, MergeMethod, apply, keep_from_keys, random_bits, row_rank_fractions,
                       tensor_seeds, validate)
-from .parents import MagnitudeIndex, ParentStore, Selection, equal_magnitude, row_chunks
+from .parents import MagnitudeIndex, ParentStore, Selection, chunk_size, count_equal_rows, row_chunks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MIN_PARAMS = 50_000_000
@@ -77,30 +78,28 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
 
 def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
           keys: tuple[Tensor, Tensor] | None, seeds: Tensor | None, start: int, shape: tuple[int, ...],
-          options: dict[str, Any], marks: tuple[Tensor, Tensor] | None = None, groups: Tensor | None = None,
-          index: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+          options: dict[str, Any], marks: tuple[Tensor, Tensor, Tensor] | None = None, groups: Tensor | None = None,
+          index: Tensor | None = None) -> Tensor | None:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
     Everything a selection needs is computed here from the chunk's position (``start``, or the entries' `index`), so
     nothing per element is stored between candidates and the compiled form is one fused pass.  With `marks` (lo,
-    hi [N, T]) it also returns the mask of entries whose |delta| lies strictly inside one of those brackets, with
-    `groups` [N, T] the count of entries equal to each (see ``parents.Selection``)."""
+    hi [N, T], a preallocated mask) it also marks the entries whose |delta| lies strictly inside one of those brackets,
+    and with `groups` [N, T] returns how many entries equal each (see ``parents.Selection``)."""
     b = base.float() if base is not None else None
     xs = [p.float() - b if b is not None and method.uses_base else p.float() for p in parents]
     length = xs[0].shape[0]
     aux: dict[str, list[Tensor] | Tensor] = {}
-    marked = counts = None
+    counts = None
     if keys is not None:
         if index is None:  # int32 where positions fit: twice the lanes of int64
             index = torch.arange(start, start + length, dtype=keys[1].dtype, device=xs[0].device)
         magnitudes = [x.abs() for x in xs]
         aux["keep"] = keep_from_keys(magnitudes, index, *keys)
         if marks is not None:
-            lo, hi = marks
-            for i, a in enumerate(magnitudes):
-                for t in range(lo.shape[1]):
-                    inside = (a > lo[i, t]) & (a < hi[i, t])
-                    marked = inside if marked is None else marked | inside
+            lo, hi, mask = marks
+            marked = [(a > lo[i, t]) & (a < hi[i, t]) for i, a in enumerate(magnitudes) for t in range(lo.shape[1])]
+            mask.copy_(functools.reduce(torch.logical_or, marked))
         if groups is not None:
             counts = torch.stack([(a == groups[i, t]).sum(dtype=torch.int32) for i, a in enumerate(magnitudes)
                                   for t in range(groups.shape[1])]).reshape(groups.shape)
@@ -109,7 +108,7 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
     if "row_ranks" in method.aux:
         aux["row_ranks"] = row_rank_fractions(xs, shape)
     out.copy_(apply(method, b, xs, params, aux, options))
-    return marked, counts
+    return counts
 
 
 def _compiled(name: str) -> Callable[..., None]:
@@ -151,8 +150,10 @@ class Merger:
         self.index: MagnitudeIndex | None = None
         n_params = sum(math.prod(s) for s in self.shapes.values())
         self.compile = compiler_available() and n_params >= COMPILE_MIN_PARAMS if compile is None else compile
+        self.store.chunk = chunk_size(self.device, self.compile)  # compiled: no temporaries, fewer calls
         self._kernels: dict[str, Callable[..., None]] = {}
-        self._equal = torch.compile(equal_magnitude, dynamic=True) if self.compile else equal_magnitude
+        self._count_rows = torch.compile(count_equal_rows, dynamic=True) if self.compile else count_equal_rows
+        self._mask: Tensor | None = None
 
     def prepare(self, method: MergeMethod) -> float:
         """Build, once per worker, the magnitude index a selecting method needs; returns the seconds it took."""
@@ -190,18 +191,22 @@ class Merger:
                 ranks = lo[:, None] if bool((hi >= m).all()) else torch.stack([lo, hi], 1)  # TIES: up to the top
                 selection = self.index.select(name, m, ranks)
             keys = (selection.values, selection.positions) if selection else None
-            marks = (selection.lo, selection.hi) if selection and selection.marked else None
-            again = []
+            marked = []
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
-                groups = selection.groups if selection and selection.ties else None
-                mask, counts = self._run(method, (out[s:e], method, b, ps, p, keys, seeds, s, shape, options, marks,
-                                                  groups))
-                if mask is not None:
-                    again.append(mask.nonzero().squeeze(1) + s)
-                if counts is not None:
-                    again += selection.advance(s, counts.cpu(), b, ps, self._equal)
-            if again:
-                self._remerge(name, out, torch.cat(again).unique(), method, selection, p, shape, options)
+                marks = groups = None
+                if selection and selection.marked:
+                    marks = (selection.lo, selection.hi, self._mask_buffer(e - s))
+                if selection and selection.ties:
+                    groups = selection.groups
+                args = (out[s:e], method, b, ps, p, keys, seeds, s, shape, options, marks, groups)
+                counts = self._run(method, args)
+                if counts is not None and selection.advance(s, counts.cpu(), b, ps,
+                                                            shape[-1] if len(shape) > 1 else e - s, self._count_rows):
+                    self._run(method, args[:-1])  # the chunk where a group reached its rank, with its key now known
+                if marks is not None:
+                    marked.append(marks[2].nonzero().squeeze(1) + s)
+            if marked:
+                self._remerge(name, out, torch.cat(marked), method, selection, p, shape, options)
         if self.device.type == "cpu":
             release_freed_memory()
 
@@ -214,6 +219,12 @@ class Merger:
         merged = torch.empty(positions.numel(), dtype=out.dtype, device=out.device)
         _into(merged, method, base, parents, params, keys, None, 0, shape, options, index=positions)
         out[positions] = merged
+
+    def _mask_buffer(self, length: int) -> Tensor:
+        """A reused mask for the entries a chunk marks: allocating one per chunk costs page faults on CPU."""
+        if self._mask is None or self._mask.numel() < length:
+            self._mask = torch.empty(length, dtype=torch.bool, device=self.device)
+        return self._mask[:length]
 
     def _run(self, method: MergeMethod, args: tuple) -> Tensor | None:
         kernel = self._kernel(method)

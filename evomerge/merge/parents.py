@@ -1,8 +1,9 @@
 """The parents of a merge at their stored size: resident on the device, or mapped from their files and streamed.
 
 A merge works on one tensor at a time, in chunks of whole rows (`chunk_size` elements: 2^18 on CPU, where eager
-temporaries of 2^20 cost about 1 byte/param of a 100M model at the peak; 2^22 on CUDA, where launches cost more than
-memory), so what it allocates besides the candidate is a few chunks × (N + 1), whatever the model's size.  Where the parents live is the only
+temporaries of 2^20 cost about 1 byte/param of a 100M model at the peak, 2^20 where the kernel is compiled and has
+none; 2^22 on CUDA, where launches cost more than memory), so what it allocates besides the candidate is a few chunks
+× (N + 1), whatever the model's size.  Where the parents live is the only
 difference between the two modes:
 
 * ``resident`` — each tensor copied once to the device in the dtype its file holds (bf16 stays bf16);
@@ -12,11 +13,10 @@ difference between the two modes:
 
 Magnitude selections (TIES, breadcrumbs) need the value of the k-th largest |parent − base| of a tensor for a density
 only known per candidate.  `MagnitudeIndex`, built once per worker, keeps per tensor and parent a sorted sample of
-|delta| (1/128 of its entries) with the exact count of entries below each sample value: 0.0625 byte/param.  A rank's
-value then lies in a known bracket of about 128 entries, so the candidate's one merge pass keeps everything above the
-bracket and marks the few entries inside it; the exact key is found among those, and only they are merged again —
-with mergekit's top-k count and its tie order (equal magnitudes kept from the highest position down, as a stable
-ascending argsort ranks them).
+|delta| (1/256 of its entries) with the exact count of entries below and at each sample value: 0.047 byte/param.  A
+rank's value then lies in a known bracket of about 256 entries, so the candidate's one merge pass finds its exact key
+(`Selection`) — with mergekit's top-k count and its tie order (equal magnitudes kept from the highest position down,
+as a stable ascending argsort ranks them).
 """
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ from torch import Tensor
 from ..io import ModelFilesError, ModelInfo, load_bin, weight_files
 from ..vocab import VocabPlan, align_rows
 
-CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 22
+CPU_CHUNK, COMPILED_CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 20, 1 << 22
 
 
-def chunk_size(device: torch.device) -> int:
-    return CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
-SAMPLE_FRACTION = 128  # one index entry per 128 entries of a parent: an fp32 bound + an int32 count, 1/16 byte
+def chunk_size(device: torch.device, compiled: bool = False) -> int:
+    return CUDA_CHUNK if device.type == "cuda" else COMPILED_CPU_CHUNK if compiled else CPU_CHUNK
+SAMPLE_FRACTION = 256  # one index entry per 256 entries of a parent:
+INDEX_ENTRY_BYTES = 12  # an fp32 bound and two int32 counts, 0.047 byte/param
 _ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -186,10 +187,12 @@ class Selection:
     """The magnitude keys of one tensor for one candidate, made exact during its one merge pass.
 
     A rank whose bracket starts with a group of equal magnitudes holding it (``ties``: rank among the group) gets the
-    key (value, position of that entry), the position found by counting the group chunk by chunk (`advance`); until
-    then no entry of the group is kept.  A rank above the group (``marked``: rank among and count of the entries
-    strictly inside the bracket) keeps, provisionally, everything above the group; the kernel marks the entries inside
-    (`lo`, `hi`: open bounds, empty where none) and ``MagnitudeIndex.resolve`` finds the key among them."""
+    key (value, position of that entry): the kernel counts the group's entries (`groups`: its value, NaN where none)
+    chunk by chunk and, until the count reaches the rank, no entry of the group is kept; `advance` then finds the
+    position, and the chunk where that happened is merged again.  A rank above the group (``marked``: rank
+    among and count of the entries strictly inside the bracket) keeps, provisionally, everything above the group; the
+    kernel marks the entries inside (`lo`, `hi`: open bounds, empty where none), ``MagnitudeIndex.resolve`` finds the
+    key among them, and they are merged again."""
 
     values: Tensor
     positions: Tensor
@@ -200,30 +203,39 @@ class Selection:
     ties: dict[tuple[int, int], int]
     seen: dict[tuple[int, int], int] = field(default_factory=dict)
 
-    def advance(self, start: int, counts: Tensor, base: Tensor, parents: list[Tensor],
-                equal: Callable[[Tensor, Tensor, Tensor], Tensor]) -> list[Tensor]:
-        """After the chunk at `start` was merged, with `counts` [N, T] of its entries equal to each pending group's
-        value (`groups`, NaN where none): where a group crosses its rank here, the key takes that entry's position
-        (later chunks keep the group's entries from there on) and the group's entries of this chunk from that
-        position are returned, to be merged again.  `equal(parent, base, value)`: the mask |parent − base| == value."""
-        again = []
+    def advance(self, start: int, counts: Tensor, base: Tensor, parents: list[Tensor], cols: int,
+                count_rows: Callable[[Tensor, Tensor, Tensor, int], Tensor]) -> bool:
+        """After the chunk at `start` (whole rows of `cols`) was merged with `counts` [N, T] of each pending group's
+        entries in it: where a group reached its rank here, its key takes that entry's position; True when the chunk
+        must be merged again.  `count_rows`: per row, the entries equal to a value."""
+        crossed = False
         for key, rank in list(self.ties.items()):
             i, t = key
             before = self.seen.get(key, 0)
             self.seen[key] = before + int(counts[i, t])
             if self.seen[key] <= rank:
                 continue
-            group = torch.nonzero(equal(parents[i], base, self.values[i, t])).squeeze(1)
-            self.positions[i, t] = start + int(group[rank - before])
+            total = count_rows(parents[i], base, self.values[i, t], cols).cumsum(0)
+            r = int(torch.searchsorted(total, rank - before, right=True))  # the row holding the entry
+            skip = rank - before - (int(total[r - 1]) if r else 0)
+            row = slice(r * cols, (r + 1) * cols)
+            group = torch.nonzero(equal_magnitude(parents[i][row], base[row], self.values[i, t])).squeeze(1)
+            self.positions[i, t] = start + r * cols + int(group[skip])
             self.groups[i, t] = math.nan
-            again.append(start + group[rank - before:])
             del self.ties[key]
-        return again
+            crossed = True
+        return crossed
 
 
 def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor) -> Tensor:
-    """The entries whose |parent − base| equals `value`: a group of ties (one fused pass when compiled)."""
+    """The entries whose |parent − base| equals `value`: a group of ties."""
     return (parent.float() - base.float()).abs() == value
+
+
+def count_equal_rows(parent: Tensor, base: Tensor, value: Tensor, cols: int) -> Tensor:
+    """Per row of `cols` entries, how many have |parent − base| equal to `value` (one fused pass when compiled, with
+    an output of one count per row rather than a mask)."""
+    return equal_magnitude(parent, base, value).reshape(-1, cols).sum(1, dtype=torch.int32)
 
 
 class MagnitudeIndex:

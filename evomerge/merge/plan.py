@@ -2,7 +2,7 @@
 
 Bytes a worker needs, by the measured model of the merge engine (``bench/merge_throughput.py``):
 
-* resident — the device holds base + parents at their stored size, the candidate, the magnitude index (≤ 1/16 byte
+* resident — the device holds base + parents at their stored size, the candidate, the magnitude index (0.047 byte
   per parameter and parent, selecting methods only), the merge's chunk workspace and a forward pass;
 * streaming — the device holds the candidate, the workspace and a forward pass; the parents stay in their files,
   mapped (the host's page cache; shared by every worker on the node).
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..io import inspect_model, stored_size
-from .parents import SAMPLE_FRACTION, chunk_size
+from .parents import INDEX_ENTRY_BYTES, SAMPLE_FRACTION, chunk_size
 
 if TYPE_CHECKING:
     from ..config import StudyConfig
@@ -89,7 +89,7 @@ def plan_memory(base: str | None, parents: list[str], device: torch.device, *, m
     largest = max(math.prod(s) for s in info.shapes.values())
     n = len(models)
     candidate = params * _SIZES[candidate_dtype or stored_dtype]
-    aux = 4 * params * len(parents) // SAMPLE_FRACTION if method_selects else 0
+    aux = INDEX_ENTRY_BYTES * params * len(parents) // SAMPLE_FRACTION if method_selects else 0
     workspace = WORKSPACE_TEMPS * 4 * n * min(largest, chunk_size(device))
     cfg = info.config
     hidden = int(cfg.get("hidden_size") or 0)
