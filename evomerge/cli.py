@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .errors import EvomergeError
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -61,20 +63,6 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show the traceba
     """Evolutionary merge-recipe optimizer for LLMs."""
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .config import ConfigError
-    from .dataflow import PathError
-    from .fitness import FitnessError
-    from .executors import ExecutorError
-    from .io import ModelFilesError
-    from .merge import RecipeMismatch
-    from .merge.plan import MemoryPlanError
-    from .study import StorageError, StudyBusy, StudyMismatch
-
-    return (ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError, StorageError,
-            ExecutorError, StudyBusy, MemoryPlanError)
-
-
 def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str] = None) -> None:
     """Print a user error and exit 2; errors found past the study file get its name and field in front."""
     from .fitness import FitnessError
@@ -95,11 +83,11 @@ def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str
 
 def _load(study_file: Path, task_search_path: Optional[list[Path]] = None, device_memory: Optional[float] = None,
           download: bool = True):
-    from .config import load_study
+    from .studyfile import load_study
 
     try:
         cfg = load_study(study_file, download=download, task_search_path=_absolute(task_search_path))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e)
     _print_notes(study_file, cfg.notes)
     if device_memory is not None:
@@ -124,14 +112,14 @@ def _print_plan(cfg, study_file: Path) -> None:
 
     try:
         plan = study_plan(cfg, pick_device(cfg.device))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e, study_file)
     if plan is not None:
         out.print(plan.describe(), highlight=False)
 
 
 def _open_study(study_file: Path, storage: Optional[str]):
-    from .config import safe_url
+    from .storage_url import safe_url
     from .study import Study
 
     cfg = _load(study_file)
@@ -140,7 +128,7 @@ def _open_study(study_file: Path, storage: Optional[str]):
         if not study.exists():
             _fail(ValueError(f"{study_file}: study {cfg.study!r} not found in {safe_url(study.storage_url)}; "
                              f"run `evomerge run {study_file}` first"))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e, study_file, storage)
     return study
 
@@ -177,7 +165,7 @@ def run(
             study = Study(cfg, storage)
             with study.exclusive():  # a second runner on a SQLite study is refused here, before loading anything
                 _run(study, total, study_file)
-        except _user_errors() as e:
+        except EvomergeError as e:
             _fail(e, study_file, storage)
     except KeyboardInterrupt:
         done = study.finished() if study is not None else 0
@@ -191,7 +179,7 @@ def run(
 def _run(study, total: int, study_file: Path) -> None:
     """Check the DB, print the plan, start the workers, run the study to `total` trials with a progress bar, print
     the final tables."""
-    from .config import safe_url
+    from .storage_url import safe_url
     from .study import trial_value
 
     cfg = study.cfg
@@ -238,7 +226,7 @@ def _check(study_file: Path, task_search_path: Optional[list[Path]] = None,
         notes = check_tasks(cfg.fitness)
     except FitnessError as e:
         _fail(ValueError(f"{study_file}: {e}"))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e)
     out.print(f"[green]ok[/] {study_file}: fields, merge method, search space, optimizer, fitness tasks")
     hub = [m for m in models if m not in local]
@@ -412,8 +400,8 @@ def report(
     storage: Optional[str] = StorageOpt,
 ) -> None:
     """Plots (scores over trials, per-task scores of the top trials, the winning recipe) and a markdown summary."""
-    from .config import safe_url
     from .report import write_report
+    from .storage_url import safe_url
 
     study = _open_study(study_file, storage)
     try:
@@ -449,10 +437,11 @@ def merge(
     Tensors are merged one at a time from the parents' (sharded) safetensors, so memory stays at a few tensors per
     parent whatever the model size.
     """
-    from .config import check_device, load_recipe
+    from .config import check_device
     from .dataflow import write_path_model
     from .io import pick_device
     from .merge import write_model
+    from .recipefile import load_recipe
 
     notes: list[str] = []
     try:
@@ -466,7 +455,7 @@ def merge(
             write_path_model(recipe, out_dir, pick_device(device))
         else:
             write_model(recipe, out_dir, pick_device(device), max_shard_bytes=int(shard_size * 1e9))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e, recipe_file)
     except OSError as e:
         _fail(ValueError(f"{out_dir}: cannot write the model ({e.strerror})"))
@@ -484,15 +473,17 @@ def convert(
     """Write the evomerge study a mergekit-evolve config means, for editing; what differs is noted at its top."""
     import yaml
 
-    from .config import ConfigError, load_study, load_yaml
+    from .config import ConfigError
     from .evolve import is_evolve, study_from_evolve
+    from .studyfile import load_study
+    from .userfile import load_yaml
 
     try:
         data = load_yaml(evolve_file, "mergekit-evolve config")
         if not is_evolve(data):
             raise ConfigError(evolve_file, "genome", "not a mergekit-evolve config (it has no genome)")
         study, notes = study_from_evolve(data, evolve_file, _absolute(task_search_path))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e)
     if budget:
         study["budget"] = budget
@@ -522,7 +513,7 @@ def convert(
         _fail(ValueError(f"{output}: cannot write the study ({e.strerror})"))
     try:
         load_study(output, download=False)
-    except _user_errors() as e:
+    except EvomergeError as e:
         output.unlink()
         _fail(e)
     _print_notes(evolve_file, notes)

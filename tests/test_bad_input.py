@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.config import load_study
 from evomerge.executors import LocalExecutor
 from evomerge.io import load_state_dict
 from evomerge.study import Study
+from evomerge.studyfile import load_study
 from tests.conftest import FITNESS, ROOT, TINY
 from tests.test_reliability import BAD_PG, SECRET, small_study
 
