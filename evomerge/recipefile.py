@@ -3,6 +3,7 @@ against the file's folder and every model read as far as its headers, before any
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,3 +138,28 @@ def _load_mergekit(path: Path, data: dict, notes: list[str] | None = None) -> Re
         raise ConfigError(path, "models", str(e)) from None
     _check_dirs(path, [("base_model", recipe.base)] + [(f"models.{i}", p) for i, p in enumerate(recipe.parents)])
     return recipe
+
+
+def save_mergekit(recipe: Recipe, output: Path) -> None:
+    """Write `recipe` as a mergekit config (paths relative to the file); a layer path has no mergekit form."""
+    import yaml
+
+    from .io import inspect_model
+    from .mergekit import to_mergekit
+
+    if recipe.path is not None:
+        raise ValueError("a data-flow (layer path) recipe has no mergekit form; write the model with `evomerge merge`")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rel = recipe.with_paths_relative_to(output.resolve().parent)
+    data = to_mergekit(rel, inspect_model(recipe.base or recipe.parents[0]))
+    output.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+
+
+def write_recipe(recipe: Recipe, path: Path, fmt: str = "evomerge", header: Sequence[str] = ()) -> None:
+    """The recipe as YAML, evomerge's (`Recipe.save`) or mergekit's, headed by `header` comment lines."""
+    if fmt == "mergekit":
+        save_mergekit(recipe, path)
+    else:
+        recipe.save(path)
+    if header:
+        path.write_text("\n".join(header) + "\n" + path.read_text())
