@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from evomerge.config import load_study  # noqa: E402
 from evomerge.executors import LocalExecutor  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.study import ATTR, Study, trial_value  # noqa: E402
+from evomerge.studyfile import load_study  # noqa: E402
 
 RACING = {"min_examples": 10, "reduction_factor": 3, "z": 1.0}
 

@@ -20,6 +20,7 @@ import torch
 
 from .config import ExecutorConfig, StudyConfig
 from .dataflow import Dataflow
+from .errors import EvomergeError
 from .fitness import Fitness, Score
 from .io import pick_device
 from .merge import Materializer
@@ -27,7 +28,7 @@ from .merge.plan import study_plan
 from .recipe import Recipe
 
 
-class ExecutorError(ValueError):
+class ExecutorError(EvomergeError, ValueError):
     """The executor cannot start (Ray not installed, cluster unreachable, no resources for one actor)."""
 
 

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import MAX_FILE_BYTES, FitnessConfig, TaskConfig
+from .errors import EvomergeError
 
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 
 
-class FitnessError(ValueError):
+class FitnessError(EvomergeError, ValueError):
     """The fitness setup cannot work (unknown task, missing split, unknown metric, contaminated search split)."""
 
 

@@ -28,12 +28,14 @@ from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 
-from .config import ConfigError, StudyConfig, check_storage_url, safe_url
+from .config import ConfigError, StudyConfig
+from .errors import EvomergeError
 from .executors import Executor, TrialResult, make_executor
 from .io import inspect_model
 from .optimizers import MULTI_OBJECTIVE, Optimizer, create_optimizer
 from .recipe import Recipe
-from .spaces import DataflowSpace, ParameterSpace, Range, SearchSpace
+from .spaces import DataflowSpace, ParameterSpace, SearchSpace
+from .storage_url import check_storage_url, safe_url
 
 ATTR = "evomerge."
 LOCK_NAMESPACE = 0x65766F  # "evo": the advisory-lock class of evomerge's per-study generation lock
@@ -42,7 +44,7 @@ MAX_CMA_DIMENSION = 5000  # a published 7B layer-wise space is a few hundred
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-class StudyMismatch(ValueError):
+class StudyMismatch(EvomergeError, ValueError):
     """The study name already exists in the storage with another search space or models."""
 
 
@@ -54,8 +56,7 @@ def build_space(cfg: StudyConfig, storage: str | None = None) -> SearchSpace:
     ss = cfg.search_space
     return ParameterSpace(
         method=cfg.merge.method, parents=cfg.models.parents, base=cfg.models.base, num_layers=num_layers,
-        ranges={"weight": Range(ss.weight.low, ss.weight.high), "density": Range(ss.density.low, ss.density.high),
-                "t": Range(ss.t.low, ss.t.high)},
+        ranges={"weight": ss.weight, "density": ss.density, "t": ss.t},
         fixed=dict(ss.fixed), searched_groups=ss.groups, layer_granularity=ss.layer_granularity,
         filters=ss.filters, x0=dict(ss.x0), options=cfg.merge.options, dtype=cfg.candidate_dtype(),
         tokenizer_source=cfg.merge.tokenizer_source,
@@ -75,7 +76,7 @@ def _dataflow_space(cfg: StudyConfig, storage: str) -> DataflowSpace:
         raise ConfigError(cfg.path, "models.parents", str(e)) from None
     try:
         return DataflowSpace(parents=cfg.models.parents, num_layers=[i.num_layers for i in infos],
-                             scale=Range(ss.scale.low, ss.scale.high), repeats=ss.repeats, layout=ss.layout, a=a,
+                             scale=ss.scale, repeats=ss.repeats, layout=ss.layout, a=a,
                              dtype=cfg.candidate_dtype())
     except ValueError as e:
         raise ConfigError(cfg.path, "search_space.layout", str(e)) from None
@@ -118,11 +119,11 @@ def _signature(cfg: StudyConfig, space: SearchSpace) -> dict:
     return sig
 
 
-class StorageError(ValueError):
+class StorageError(EvomergeError, ValueError):
     """The study DB cannot be reached or opened."""
 
 
-class StudyBusy(ValueError):
+class StudyBusy(EvomergeError, ValueError):
     """Another runner holds this SQLite study DB."""
 
 

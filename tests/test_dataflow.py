@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from evomerge.config import ConfigError, load_study
+from evomerge.config import ConfigError
 from evomerge.dataflow import Dataflow, PathError, check_foldable, steps_of, write_path_model
 from evomerge.executors import LocalExecutor
 from evomerge.io import inspect_model
@@ -18,6 +18,7 @@ from evomerge.optimizers import CatCMA, Optimizer, create_optimizer
 from evomerge.recipe import Recipe
 from evomerge.spaces import DataflowSpace, Range
 from evomerge.study import Study
+from evomerge.studyfile import load_study
 
 from .conftest import TINY, write_study
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.config import ConfigError, load_study
+from evomerge.config import ConfigError
 from evomerge.executors import LocalExecutor
 from evomerge.fitness import FitnessError, check_contamination, keep_racing, stage_sizes, task_manager
 from evomerge.optimizers import Optimizer, create_optimizer
 from evomerge.recipe import Recipe
 from evomerge.study import ATTR, Study, build_space, pareto_front
+from evomerge.studyfile import load_study
 from tests.conftest import ROOT, with_fitness, write_study
 
 RACING = {"min_examples": 10, "reduction_factor": 2, "z": 1.0}

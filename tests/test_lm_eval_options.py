@@ -3,8 +3,9 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.config import ConfigError, load_study
+from evomerge.config import ConfigError
 from evomerge.fitness import Fitness, FitnessError
+from evomerge.studyfile import load_study
 from tests.conftest import FITNESS, TINY, with_fitness, write_study
 
 CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"

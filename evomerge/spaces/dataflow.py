@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..config import Range
 from ..recipe import Recipe
 from .base import SearchSpace
-from .parameter import Range
 
 
 def category(x: float, n: int) -> int:

@@ -11,21 +11,12 @@ does not search take the preset's fixed values, so a 2-parent, 32-layer, weight-
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..merge.methods import get_method
+from ..config import Range
+from ..methodspec import get_spec
 from ..recipe import Recipe
 from .base import SearchSpace
-
-
-@dataclass(frozen=True)
-class Range:
-    low: float
-    high: float
-
-    def at(self, x: float) -> float:
-        return self.low + min(max(x, 0.0), 1.0) * (self.high - self.low)
 
 
 class ParameterSpace(SearchSpace):
@@ -35,7 +26,7 @@ class ParameterSpace(SearchSpace):
                  ranges: dict[str, Range], fixed: dict[str, float], searched_groups: Sequence[str] = ("embed", "layers", "head"),
                  layer_granularity: int = 1, filters: Sequence[str] = (), x0: dict[str, float] | None = None,
                  options: dict | None = None, dtype: str = "float32", tokenizer_source: str | None = None):
-        self.method = get_method(method)
+        self.method = get_spec(method)
         self.parents = list(parents)
         self.base = base
         self.num_layers = num_layers
