@@ -48,7 +48,7 @@ def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str
     from .fitness import FitnessError
     from .merge import RecipeMismatch
     from .merge.plan import MemoryPlanError
-    from .study import StorageError, StudyBusy, StudyMismatch
+    from .store import StorageError, StudyBusy, StudyMismatch
 
     msg = str(e)
     if isinstance(e, StorageError):
@@ -93,18 +93,23 @@ def _print_plan(cfg, study_file: Path) -> None:
 
 
 def _open_study(study_file: Path, storage: Optional[str]):
-    from .storage_url import safe_url
-    from .study import Study
+    """The study file's stored study, read through the store alone: reading never builds the search space, starts a
+    worker or imports the controller."""
+    from .spaces import setup_signature
+    from .storage_url import check_storage_url, safe_url
+    from .store import StudyStore
 
     cfg = _load(study_file)
     try:
-        study = Study(cfg, storage)
-        if not study.exists():
-            _fail(ValueError(f"{study_file}: study {cfg.study!r} not found in {safe_url(study.storage_url)}; "
+        url = check_storage_url(storage) if storage else cfg.storage_url()
+        store = StudyStore(url, cfg.study, cfg.executor.heartbeat_s, cfg.executor.stale_after_s)
+        store.check_setup(setup_signature(cfg))  # a study file whose setup differs is not this study
+        if not store.exists():
+            _fail(ValueError(f"{study_file}: study {cfg.study!r} not found in {safe_url(url)}; "
                              f"run `evomerge run {study_file}` first"))
     except EvomergeError as e:
         _fail(e, study_file, storage)
-    return study
+    return cfg, store
 
 
 StorageOpt = typer.Option(None, "--storage", help="SQLAlchemy URL of the study DB (overrides the study file)")
@@ -154,16 +159,11 @@ def _run(study, total: int, study_file: Path) -> None:
     """Check the DB, print the plan, start the workers, run the study to `total` trials with a progress bar, print
     the final tables."""
     from .storage_url import safe_url
-    from .study import trial_value
 
     cfg = study.cfg
     out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
     study.check_compatible()  # the DB first: reachable, and the stored setup this file's, before any weight is read
-    method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
-    grain = ""
-    if study.space.kind == "ps":
-        grain = f", groups by {'/'.join(study.space.filters)} and the rest" if study.space.filters else ", layer groups"
-    out.print(f"search space {study.space.kind} ({method}{grain}): dimension {study.space.dimension}")
+    out.print(f"search space {study.space.describe()}: dimension {study.space.dimension}")
     _print_plan(cfg, study_file)
     if cfg.executor.name == "ray":
         address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
@@ -175,8 +175,8 @@ def _run(study, total: int, study_file: Path) -> None:
     with trial_bar(total, done) as update:
         st = study.run(total, on_trial=lambda p: update(p.done, p.best))
         done = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
-        best = study.best_trial()
-        update(min(done, total), trial_value(best) if best else None)
+        best = study.store.best()
+        update(min(done, total), best.value if best else None)
     print_table(study.final_table())
     print_final_eval(study.final_eval())
 
@@ -213,10 +213,8 @@ def status(
     storage: Optional[str] = StorageOpt,
 ) -> None:
     """Trials done / failed / running, the best score and recipe, and the final table once computed."""
-    from .study import summarize
-
-    study = _open_study(study_file, storage)
-    s = summarize(study.optuna)
+    _, store = _open_study(study_file, storage)
+    s = store.summary()
     if as_json:
         sys.stdout.write(json.dumps(s, indent=2) + "\n")
         return
@@ -250,40 +248,37 @@ def export(
     """Write the best trial's recipe as a standalone YAML (evomerge's recipe or a mergekit config), or the Pareto
     front as one recipe per member."""
     from .recipe import Recipe
-    from .study import ATTR, pareto_front, trial_value
 
     if (output is None) == (pareto is None):
         _fail(ValueError("give exactly one of -o/--output FILE or --pareto DIR"))
     if fmt not in ("evomerge", "mergekit"):
         _fail(ValueError(f"--format: {fmt!r} is not one of evomerge, mergekit"))
-    study = _open_study(study_file, storage)
-    final = {r["trial"]: r for r in (study.optuna.user_attrs.get(ATTR + "final_eval") or {}).get("rows", [])}
+    cfg, store = _open_study(study_file, storage)
+    final = {r["trial"]: r for r in (store.get("final_eval") or {}).get("rows", [])}
     if pareto is not None:
-        front = pareto_front(study.optuna)
+        front = store.pareto_front()
         if not front:
-            _fail(ValueError(f"{study_file}: study {study.cfg.study!r} has no Pareto front "
+            _fail(ValueError(f"{study_file}: study {cfg.study!r} has no Pareto front "
                              "(it needs optimizer nsga2 and at least one completed trial)"))
         for t in front:
             path = pareto / f"trial-{t.number:05d}.yaml"
-            _write_recipe(Recipe.from_dict(t.user_attrs[ATTR + "recipe"]), path, t, final.get(t.number), fmt)
-        out.print(f"wrote {len(front)} recipes to {pareto} (Pareto front on {', '.join(t.task for t in study.cfg.fitness.tasks)})")
+            _write_recipe(Recipe.from_dict(t.recipe), path, t, final.get(t.number), fmt)
+        out.print(f"wrote {len(front)} recipes to {pareto} (Pareto front on {', '.join(t.task for t in cfg.fitness.tasks)})")
         return
-    best = study.best_trial()
+    best = store.best()
     if best is None:
-        _fail(ValueError(f"{study_file}: study {study.cfg.study!r} has no completed trial yet"))
-    _write_recipe(study.best_recipe(), output, best, final.get(best.number), fmt)
+        _fail(ValueError(f"{study_file}: study {cfg.study!r} has no completed trial yet"))
+    _write_recipe(Recipe.from_dict(best.recipe), output, best, final.get(best.number), fmt)
     test = final.get(best.number, {}).get("test")
-    out.print(f"wrote {output} (trial {best.number}, search score {trial_value(best):.4f}"
+    out.print(f"wrote {output} (trial {best.number}, search score {best.value:.4f}"
               + (f", test score {test:.4f})" if test is not None else ", no final evaluation yet)"))
 
 
 def _write_recipe(recipe, path: Path, trial, final: Optional[dict], fmt: str = "evomerge") -> None:
     """The recipe YAML, headed by comment lines with the trial's search and (when run) final test scores."""
     from .recipefile import write_recipe
-    from .study import ATTR, trial_value
 
-    lines = [f"# trial {trial.number}: search score {trial_value(trial):.4f} "
-             f"{json.dumps(trial.user_attrs.get(ATTR + 'scores'))}"]
+    lines = [f"# trial {trial.number}: search score {trial.value:.4f} {json.dumps(trial.scores)}"]
     if final and final.get("test") is not None:
         lines.append(f"# final evaluation (test split): {final['test']:.4f} {json.dumps(final['per_task'])}")
     try:
@@ -305,9 +300,9 @@ def report(
     from .report import write_report
     from .storage_url import safe_url
 
-    study = _open_study(study_file, storage)
+    _, store = _open_study(study_file, storage)
     try:
-        summary = write_report(study.optuna, output, safe_url(study.storage_url), top)
+        summary = write_report(store, output, safe_url(store.url), top)
     except OSError as e:
         _fail(ValueError(f"{output}: cannot write the report ({e.strerror})"))
     out.print(f"wrote {summary}")

@@ -12,7 +12,8 @@ from evomerge.executors import LocalExecutor
 from evomerge.fitness import FitnessError, check_contamination, task_index
 from evomerge.optimizers import Optimizer, create_optimizer
 from evomerge.recipe import Recipe
-from evomerge.study import ATTR, Study, build_space, pareto_front
+from evomerge.store import pareto_front
+from evomerge.study import ATTR, Study, build_space
 from evomerge.studyfile import load_study
 from tests.conftest import ROOT, with_fitness, write_study
 

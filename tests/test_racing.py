@@ -5,7 +5,8 @@ import optuna
 import pytest
 
 from evomerge.racing import estimate, example_order, keep_racing, race, stage_sizes
-from evomerge.study import ATTR, RACED_OUT, _losses, told_value
+from evomerge.store import ATTR, RACED_OUT, TrialRecord
+from evomerge.study import losses
 
 
 def scorer(table: dict[str, list[float]], asked: list | None = None):
@@ -143,36 +144,37 @@ def test_a_task_with_fewer_examples_stays_at_its_full_count_while_the_others_gro
 
 
 # ---------------------------------------------------------------- what the optimizer is told
-def trial(value, full: bool = True, stages: int = 0, values=None) -> optuna.trial.FrozenTrial:
+def told(value, full: bool = True, stages: int = 0, values=None) -> float | list[float]:
+    """What the optimizer is told of a finished trial with these values and racing attrs, read as the store reads it."""
     attrs = {ATTR + "full_fidelity": full, ATTR + "stages": [{}] * stages}
-    return optuna.trial.create_trial(value=value, values=values, user_attrs=attrs)
+    return TrialRecord.of(optuna.trial.create_trial(value=value, values=values, user_attrs=attrs)).told
 
 
 def test_a_full_fidelity_trial_is_told_its_value():
-    assert told_value(trial(0.4)) == 0.4
+    assert told(0.4) == 0.4
 
 
 def test_a_raced_out_trial_ranks_below_every_full_fidelity_trial():
-    assert told_value(trial(0.99, full=False, stages=2)) < told_value(trial(0.0))
-    assert told_value(trial(0.5, full=False, stages=2)) == pytest.approx(0.5 - RACED_OUT + 2)
+    assert told(0.99, full=False, stages=2) < told(0.0)
+    assert told(0.5, full=False, stages=2) == pytest.approx(0.5 - RACED_OUT + 2)
 
 
 def test_among_raced_out_trials_the_one_that_ran_more_stages_ranks_higher():
-    assert told_value(trial(0.1, full=False, stages=2)) > told_value(trial(0.9, full=False, stages=1))
+    assert told(0.1, full=False, stages=2) > told(0.9, full=False, stages=1)
 
 
 def test_a_multi_objective_trial_is_told_its_values_unchanged():
-    assert told_value(trial(None, full=False, stages=1, values=[0.2, 0.7])) == [0.2, 0.7]
+    assert told(None, full=False, stages=1, values=[0.2, 0.7]) == [0.2, 0.7]
 
 
 def test_losses_negate_told_values_so_lower_is_better():
-    assert _losses([0.25, 0.75]) == [-0.25, -0.75]
+    assert losses([0.25, 0.75]) == [-0.25, -0.75]
 
 
 def test_a_failed_candidate_loses_by_one_more_than_the_worst_of_its_generation():
-    assert _losses([0.25, None, 0.75]) == [-0.25, 0.75, -0.75]
-    assert _losses([None, None]) == [1.0, 1.0]
+    assert losses([0.25, None, 0.75]) == [-0.25, 0.75, -0.75]
+    assert losses([None, None]) == [1.0, 1.0]
 
 
 def test_with_several_objectives_a_failed_candidate_is_worst_on_each():
-    assert _losses([[0.5, 0.1], None, [0.2, 0.9]], objectives=2) == [[-0.5, -0.1], [0.8, 0.9], [-0.2, -0.9]]
+    assert losses([[0.5, 0.1], None, [0.2, 0.9]], objectives=2) == [[-0.5, -0.1], [0.8, 0.9], [-0.2, -0.9]]

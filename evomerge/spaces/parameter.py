@@ -10,6 +10,7 @@ does not search take the preset's fixed values, so a 2-parent, 32-layer, weight-
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,3 +110,29 @@ class ParameterSpace(SearchSpace):
         groups = {m: {p: [v] * n for p, v in values.items()} for ms in self._blocks.values() for m in ms}
         return Recipe(method=self.method.name, parents=self.parents, base=self.base, groups=groups,
                       options=self.options, dtype=self.dtype, seed=seed, tokenizer_source=self.tokenizer_source)
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    def describe(self) -> str:
+        grain = f"groups by {'/'.join(self.filters)} and the rest" if self.filters else "layer groups"
+        return f"{self.kind} ({self.method.name}, {grain})"
+
+    def references(self) -> list[tuple[str, Recipe]]:
+        """The base (a zero-weight task arithmetic, if a base is set) and each parent alone (a one-hot linear)."""
+        n = len(self.parents)
+        groups = [m for ms in self._blocks.values() for m in ms]
+
+        def uniform(method: str, weights: list[float]) -> Recipe:
+            return Recipe(method, self.parents, {g: {"weight": list(weights)} for g in groups}, self.base)
+
+        rows = [("base", uniform("task_arithmetic", [0.0] * n))] if self.base else []
+        return rows + [(f"parent {Path(p).name}", uniform("linear", [float(j == i) for j in range(n)]))
+                       for i, p in enumerate(self.parents)]
+
+    def uniform_grid(self, weights: Sequence[float], densities: Sequence[float], seed: int = 0) -> list[Recipe]:
+        """The study's method with one weight (and density, where it has one) everywhere, over the baseline grid."""
+        has_density = "density" in self.method.tensor_params
+        return [self.uniform(w, d, seed=seed)
+                for w, d in itertools.product(weights, densities if has_density else [None])]
