@@ -321,10 +321,9 @@ def merge(
     parent whatever the model size.
     """
     from .config import check_device
-    from .dataflow import write_path_model
     from .io import pick_device
-    from .merge import write_model
     from .recipefile import load_recipe
+    from .spaces import SearchSpace
 
     notes: list[str] = []
     try:
@@ -334,10 +333,7 @@ def merge(
     try:
         recipe = load_recipe(recipe_file, notes)
         print_notes(recipe_file, notes)
-        if recipe.path is not None:
-            write_path_model(recipe, out_dir, pick_device(device))
-        else:
-            write_model(recipe, out_dir, pick_device(device), max_shard_bytes=int(shard_size * 1e9))
+        SearchSpace.of_recipe(recipe).write_model(recipe, out_dir, pick_device(device), int(shard_size * 1e9))
     except EvomergeError as e:
         _fail(e, recipe_file)
     except OSError as e:

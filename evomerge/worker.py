@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import StudyConfig
-from .dataflow import Dataflow
 from .fitness import Fitness, Score
 from .io import pick_device
-from .merge import Materializer
-from .merge.plan import study_plan
 from .recipe import Recipe
+from .spaces import SearchSpace
 
 
 @dataclass
@@ -39,22 +37,13 @@ class Worker:
         from transformers import AutoTokenizer
 
         self.device = pick_device(cfg.device)
-        self.materializer: Materializer | None = None
-        self.dataflow: Dataflow | None = None
-        if cfg.search_space.kind == "ps":
-            plan = study_plan(cfg, self.device)
-            self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype,
-                                             mode=plan.mode if plan else "resident",
-                                             tokenizer_source=cfg.merge.tokenizer_source)
-            model = self.materializer.model
-        else:  # data-flow recipes run as paths over resident sources; the shell is what lm-eval wraps
-            self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.candidate_dtype())
-            model = self.dataflow.model
-        vocab = self.materializer.vocab if self.materializer else None
-        tokenizer = vocab.tokenizer if vocab else AutoTokenizer.from_pretrained(
+        # the space's kind decides what stays resident (parents to merge, or sources for layer paths)
+        self.resident = SearchSpace.of_kind(cfg.search_space.kind).load(cfg, self.device)
+        tokenizer = self.resident.tokenizer or AutoTokenizer.from_pretrained(
             cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
-        model.register_forward_hook(_refuse_non_finite_logits)  # the model object every candidate runs through
-        self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device), seed=cfg.seed)
+        # the model object every candidate runs through
+        self.resident.model.register_forward_hook(_refuse_non_finite_logits)
+        self.fitness = Fitness(cfg.fitness, self.resident.model, tokenizer, str(self.device), seed=cfg.seed)
 
     def evaluate(self, recipe: Recipe, split: str = "search",
                  incumbent: dict[str, list[float]] | None = None) -> TrialResult:
@@ -64,10 +53,7 @@ class Worker:
         """
         t0 = time.perf_counter()
         try:
-            if recipe.path is not None:
-                self.dataflow.apply(recipe)
-            else:
-                self.materializer.materialize(recipe)
+            self.resident.apply(recipe)
             t1 = time.perf_counter()
             score = self.fitness.score(split, incumbent)
             t2 = time.perf_counter()

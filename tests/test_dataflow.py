@@ -44,8 +44,8 @@ def copied_model(flow: Dataflow, path: dict) -> torch.nn.Module:
     config.num_hidden_layers = len(path["layers"])
     ref = AutoModelForCausalLM.from_config(config)
     state = {k: v for k, v in models[0].state_dict().items() if ".layers." not in k}
-    for k, (m, l) in enumerate(path["layers"]):
-        for name, t in models[m].model.layers[l].state_dict().items():
+    for k, (m, layer) in enumerate(path["layers"]):
+        for name, t in models[m].model.layers[layer].state_dict().items():
             state[f"model.layers.{k}.{name}"] = t.clone()
     ref.load_state_dict(state)
     return ref.eval()
@@ -213,7 +213,7 @@ def test_non_finite_logits_fail_a_path_whose_first_model_is_not_the_shells_templ
     base = executor.cfg.models.base
     layers = [[0, i] for i in range(inspect_model(base).num_layers)]
     with torch.no_grad():
-        executor.worker.dataflow.source(base).lm_head.weight.fill_(float("nan"))
+        executor.worker.resident.engine.source(base).lm_head.weight.fill_(float("nan"))
     result = executor.evaluate(Recipe("passthrough", [base], {}, path={"layers": layers}), "test")
     assert result.score is None and "logits are not finite" in result.error
 

@@ -64,7 +64,7 @@ def test_prebuilt_requests_score_exactly_what_lm_eval_evaluate_scores(racing):
     """The per-candidate fast path (requests built once per split and subset) against lm-eval's own `evaluate`, on
     both splits, a racing subset and its complement, with a candidate whose scores are neither 0 nor 1."""
     worker = racing.worker
-    worker.materializer.materialize(build_space(racing.cfg).uniform(0.3, 0.3))
+    worker.resident.apply(build_space(racing.cfg).uniform(0.3, 0.3))
     fitness = worker.fitness
     order = fitness._stage_order()
     cases = [("search", 40, None), ("test", 40, None),

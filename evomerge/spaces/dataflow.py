@@ -20,10 +20,16 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Range
 from ..recipe import Recipe
-from .base import SearchSpace
+from .base import Resident, SearchSpace
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import StudyConfig
 
 
 def category(x: float, n: int) -> int:
@@ -34,8 +40,25 @@ class DataflowSpace(SearchSpace):
     """Genome -> layer path over resident sources (model A first); one subclass per layout (see the module
     docstring).  ``DataflowSpace(..., layout=...)`` builds the layout's class."""
 
+    kinds = ("dfs", "ps+dfs")
     layouts: dict[str, type[DataflowSpace]] = {}
     layout: str
+
+    @classmethod
+    def load(cls, cfg: StudyConfig, device: torch.device) -> Resident:
+        """Source models loaded once (model A merged once for ps+dfs, on the first recipe that names it); a candidate
+        is a layer path run through one shell built from the first parent, which is what lm-eval wraps."""
+        from ..dataflow import Dataflow
+
+        d = Dataflow(cfg.models.parents[0], device, cfg.candidate_dtype())
+        return Resident(d, d.model, None, d.apply)
+
+    @classmethod
+    def write_model(cls, recipe: Recipe, out_dir: Path, device: torch.device, max_shard_bytes: int) -> Path:
+        """The path's layers copied into a plain model directory (unsharded: a path is at most its sources' size)."""
+        from ..dataflow import write_path_model
+
+        return write_path_model(recipe, out_dir, device)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

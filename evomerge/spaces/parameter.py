@@ -13,15 +13,40 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Range
 from ..methodspec import get_spec
 from ..recipe import Recipe
-from .base import SearchSpace
+from .base import Resident, SearchSpace
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import StudyConfig
 
 
 class ParameterSpace(SearchSpace):
     kind = "ps"
+    kinds = ("ps",)
+
+    @classmethod
+    def load(cls, cfg: StudyConfig, device: torch.device) -> Resident:
+        """The parents resident in the memory mode the study's plan picked; candidates are merged into one model in
+        place, with the merged vocabulary's tokenizer when `merge.tokenizer_source` builds one."""
+        from ..merge import Materializer
+        from ..merge.plan import study_plan
+
+        plan = study_plan(cfg, device)
+        m = Materializer(cfg.models.base, cfg.models.parents, device, cfg.merge.dtype,
+                         mode=plan.mode if plan else "resident", tokenizer_source=cfg.merge.tokenizer_source)
+        return Resident(m, m.model, m.vocab.tokenizer if m.vocab else None, m.materialize)
+
+    @classmethod
+    def write_model(cls, recipe: Recipe, out_dir: Path, device: torch.device, max_shard_bytes: int) -> Path:
+        from ..merge import write_model
+
+        return write_model(recipe, out_dir, device, max_shard_bytes=max_shard_bytes)
 
     def __init__(self, *, method: str, parents: list[str], base: str | None, num_layers: int,
                  ranges: dict[str, Range], fixed: dict[str, float], searched_groups: Sequence[str] = ("embed", "layers", "head"),
