@@ -150,10 +150,15 @@ class Study:
         with self.exclusive():
             return self._run(budget or self.cfg.budget, on_trial)
 
-    def _run(self, budget: int, on_trial: Callable[[Progress], None] | None) -> optuna.Study:
+    def _open_or_create(self) -> optuna.Study:
+        """The study in its storage, created with this file's signature and dimension on first use; a stored study
+        whose setup differs is refused before anything is written."""
         self.check_compatible()
         n = len(self.cfg.fitness.tasks) if self.multi_objective else 1
-        st = self.store.create(n, self.signature(), self.space.dimension)
+        return self.store.create(n, self.signature(), self.space.dimension)
+
+    def _run(self, budget: int, on_trial: Callable[[Progress], None] | None) -> optuna.Study:
+        st = self._open_or_create()
         if not self.shared:
             self.store.requeue_abandoned()
         held: dict[int, int] = {}  # trial id -> trial number, of the trials this runner evaluates now
