@@ -31,13 +31,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import evomerge  # noqa: E402,F401
 import torch  # noqa: E402  (after evomerge, which sets how OpenMP threads wait)
 import yaml  # noqa: E402
 
-from evomerge.config import load_study  # noqa: E402
+import evomerge  # noqa: E402,F401
 from evomerge.executors import LocalExecutor  # noqa: E402
 from evomerge.study import ATTR, Study  # noqa: E402
+from evomerge.studyfile import load_study  # noqa: E402
 
 COMPETITOR = """
 import torch

@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from evomerge.config import load_study  # noqa: E402
 from evomerge.executors import LocalExecutor  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
-from evomerge.study import ATTR, Study, trial_value  # noqa: E402
+from evomerge.study import ATTR, Study  # noqa: E402
+from evomerge.studyfile import load_study  # noqa: E402
 
 RACING = {"min_examples": 10, "reduction_factor": 3, "z": 1.0}
 
@@ -62,22 +62,22 @@ class Run:
     """One finished study: trials in order, with the incumbent's test score looked up on demand (and cached)."""
 
     def __init__(self, study: Study, executor: LocalExecutor, tests: dict):
-        self.trials = sorted(study.optuna.get_trials(deepcopy=False), key=lambda t: t.number)
+        self.trials = sorted(study.store.records(), key=lambda t: t.number)
         self.executor, self.tests = executor, tests
 
     def test_of(self, t) -> float:
-        key = tuple(t.user_attrs[ATTR + "genome"])
+        key = tuple(t.genome)
         if key not in self.tests:
-            self.tests[key] = self.executor.evaluate(Recipe.from_dict(t.user_attrs[ATTR + "recipe"]), "test").score.value
+            self.tests[key] = self.executor.evaluate(Recipe.from_dict(t.recipe), "test").score.value
         return self.tests[key]
 
     def incumbents(self):
         """(examples so far, incumbent trial) after every trial that changed the incumbent."""
         best, examples = None, 0
         for t in self.trials:
-            examples += t.user_attrs.get(ATTR + "examples", 0)
-            if t.state.name == "COMPLETE" and t.user_attrs.get(ATTR + "full_fidelity", True):
-                if best is None or trial_value(t) > trial_value(best):
+            examples += t.examples or 0
+            if t.state.name == "COMPLETE" and t.full_fidelity:
+                if best is None or t.value > best.value:
                     best = t
                     yield examples, t
 
@@ -91,7 +91,7 @@ class Run:
         return None
 
     def total_examples(self) -> int:
-        return sum(t.user_attrs.get(ATTR + "examples", 0) for t in self.trials)
+        return sum(t.examples or 0 for t in self.trials)
 
 
 def run_study(folder: Path, name: str, seed: int, optimizer: str, racing: bool, budget: int,

@@ -27,9 +27,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.config import load_study  # noqa: E402
 from evomerge.executors import RayExecutor  # noqa: E402
 from evomerge.study import Study  # noqa: E402
+from evomerge.studyfile import load_study  # noqa: E402
 
 
 def study_file(folder: Path, actors: int) -> Path:

@@ -12,10 +12,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
+
+from .console import (
+    Guarded,
+    compact_recipe,
+    err,
+    out,
+    print_final_eval,
+    print_notes,
+    print_pareto,
+    print_table,
+    trial_bar,
+)
+from .errors import EvomergeError
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,37 +33,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-class _Guarded(typer.core.TyperGroup):
-    """Whatever escapes a command unexpectedly is one line, `error: ...` and what to do, exit 2 for bad input or the
-    environment (ValueError, OSError) and 1 for anything else; the traceback only with --debug."""
-
-    def invoke(self, ctx: typer.Context):
-        try:
-            return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors and exits, already worded
-            raise
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-        except Exception as e:
-            if ctx.params.get("debug") or os.environ.get("EVOMERGE_DEBUG"):
-                raise
-            code = 2 if isinstance(e, (ValueError, OSError)) else 1
-            from .config import shorten
-
-            err.print(Text.assemble(("error: ", "bold red"), shorten(f"{type(e).__name__}: {e}", 600)),
-                      highlight=False)
-            err.print("this was not expected: re-run with `evomerge --debug ...` for the traceback, and please report "
-                      "it with the command and that traceback", highlight=False)
-            raise typer.Exit(code) from None
-
-
 # no locals in tracebacks: they would print storage URLs, passwords included
-app = typer.Typer(cls=_Guarded, add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
+app = typer.Typer(cls=Guarded, add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
                   pretty_exceptions_show_locals=False)
-# not a terminal (a log file, a pipe, CI): lines as long as they are, never wrapped mid-message
-out = Console(soft_wrap=not sys.stdout.isatty())
-err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -61,26 +43,12 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show the traceba
     """Evolutionary merge-recipe optimizer for LLMs."""
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .config import ConfigError
-    from .dataflow import PathError
-    from .fitness import FitnessError
-    from .executors import ExecutorError
-    from .io import ModelFilesError
-    from .merge import RecipeMismatch
-    from .merge.plan import MemoryPlanError
-    from .study import StorageError, StudyBusy, StudyMismatch
-
-    return (ConfigError, FitnessError, ModelFilesError, RecipeMismatch, StudyMismatch, PathError, StorageError,
-            ExecutorError, StudyBusy, MemoryPlanError)
-
-
 def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str] = None) -> None:
     """Print a user error and exit 2; errors found past the study file get its name and field in front."""
     from .fitness import FitnessError
     from .merge import RecipeMismatch
     from .merge.plan import MemoryPlanError
-    from .study import StorageError, StudyBusy, StudyMismatch
+    from .store import StorageError, StudyBusy, StudyMismatch
 
     msg = str(e)
     if isinstance(e, StorageError):
@@ -95,13 +63,13 @@ def _fail(e: Exception, study_file: Optional[Path] = None, storage: Optional[str
 
 def _load(study_file: Path, task_search_path: Optional[list[Path]] = None, device_memory: Optional[float] = None,
           download: bool = True):
-    from .config import load_study
+    from .studyfile import load_study
 
     try:
         cfg = load_study(study_file, download=download, task_search_path=_absolute(task_search_path))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e)
-    _print_notes(study_file, cfg.notes)
+    print_notes(study_file, cfg.notes)
     if device_memory is not None:
         cfg.worker.device_memory = device_memory
     return cfg
@@ -111,12 +79,6 @@ def _absolute(paths: Optional[list[Path]]) -> Optional[list[str]]:
     return [str(p.resolve()) for p in paths] if paths else None
 
 
-def _print_notes(file: Path, notes: list[str]) -> None:
-    """One line per setting read but not applied as written: never silence."""
-    for n in notes:
-        err.print(Text.assemble(("note: ", "bold yellow"), f"{file}: {n}"), highlight=False, soft_wrap=True)
-
-
 def _print_plan(cfg, study_file: Path) -> None:
     """The worker's memory plan on this machine's device (before anything loads); exit 2 when nothing fits."""
     from .io import pick_device
@@ -124,25 +86,30 @@ def _print_plan(cfg, study_file: Path) -> None:
 
     try:
         plan = study_plan(cfg, pick_device(cfg.device))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e, study_file)
     if plan is not None:
         out.print(plan.describe(), highlight=False)
 
 
 def _open_study(study_file: Path, storage: Optional[str]):
-    from .config import safe_url
-    from .study import Study
+    """The study file's stored study, read through the store alone: reading never builds the search space, starts a
+    worker or imports the controller."""
+    from .spaces import setup_signature
+    from .storage_url import check_storage_url, safe_url
+    from .store import StudyStore
 
     cfg = _load(study_file)
     try:
-        study = Study(cfg, storage)
-        if not study.exists():
-            _fail(ValueError(f"{study_file}: study {cfg.study!r} not found in {safe_url(study.storage_url)}; "
+        url = check_storage_url(storage) if storage else cfg.storage_url()
+        store = StudyStore(url, cfg.study, cfg.executor.heartbeat_s, cfg.executor.stale_after_s)
+        store.check_setup(setup_signature(cfg))  # a study file whose setup differs is not this study
+        if not store.exists():
+            _fail(ValueError(f"{study_file}: study {cfg.study!r} not found in {safe_url(url)}; "
                              f"run `evomerge run {study_file}` first"))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e, study_file, storage)
-    return study
+    return cfg, store
 
 
 StorageOpt = typer.Option(None, "--storage", help="SQLAlchemy URL of the study DB (overrides the study file)")
@@ -177,7 +144,7 @@ def run(
             study = Study(cfg, storage)
             with study.exclusive():  # a second runner on a SQLite study is refused here, before loading anything
                 _run(study, total, study_file)
-        except _user_errors() as e:
+        except EvomergeError as e:
             _fail(e, study_file, storage)
     except KeyboardInterrupt:
         done = study.finished() if study is not None else 0
@@ -191,17 +158,12 @@ def run(
 def _run(study, total: int, study_file: Path) -> None:
     """Check the DB, print the plan, start the workers, run the study to `total` trials with a progress bar, print
     the final tables."""
-    from .config import safe_url
-    from .study import trial_value
+    from .storage_url import safe_url
 
     cfg = study.cfg
     out.print(f"study [bold]{cfg.study}[/] in {safe_url(study.storage_url)}")
     study.check_compatible()  # the DB first: reachable, and the stored setup this file's, before any weight is read
-    method = cfg.merge.method if study.space.kind == "ps" else "passthrough"
-    grain = ""
-    if study.space.kind == "ps":
-        grain = f", groups by {'/'.join(study.space.filters)} and the rest" if study.space.filters else ", layer groups"
-    out.print(f"search space {study.space.kind} ({method}{grain}): dimension {study.space.dimension}")
+    out.print(f"search space {study.space.describe()}: dimension {study.space.dimension}")
     _print_plan(cfg, study_file)
     if cfg.executor.name == "ray":
         address = cfg.executor.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
@@ -210,20 +172,13 @@ def _run(study, total: int, study_file: Path) -> None:
     done = study.finished()
     if done:
         out.print(f"resuming study {cfg.study}: {done} of {total} trials done")
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=out, transient=False) as bar:
-        task = bar.add_task("trials", total=total, completed=min(done, total), best="-")
-
-        def on_trial(p) -> None:
-            bar.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}")
-
-        st = study.run(total, on_trial=on_trial)
+    with trial_bar(total, done) as update:
+        st = study.run(total, on_trial=lambda p: update(p.done, p.best))
         done = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
-        best = study.best_trial()
-        bar.update(task, completed=min(done, total), best=_fmt(trial_value(best) if best else None))
-    _print_table(study.final_table())
-    _print_final_eval(study.final_eval())
+        best = study.store.best()
+        update(min(done, total), best.value if best else None)
+    print_table(study.final_table())
+    print_final_eval(study.final_eval())
 
 
 def _check(study_file: Path, task_search_path: Optional[list[Path]] = None,
@@ -238,7 +193,7 @@ def _check(study_file: Path, task_search_path: Optional[list[Path]] = None,
         notes = check_tasks(cfg.fitness)
     except FitnessError as e:
         _fail(ValueError(f"{study_file}: {e}"))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e)
     out.print(f"[green]ok[/] {study_file}: fields, merge method, search space, optimizer, fitness tasks")
     hub = [m for m in models if m not in local]
@@ -251,24 +206,6 @@ def _check(study_file: Path, task_search_path: Optional[list[Path]] = None,
     _print_plan(cfg, study_file)
 
 
-def _fmt(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
-def _print_table(rows: list[dict]) -> None:
-    table = Table(title="test split")
-    table.add_column("model")
-    table.add_column("test", justify="right")
-    table.add_column("search", justify="right")
-    tasks = sorted({k for r in rows for k in (r.get("per_task") or {})})
-    for k in tasks:
-        table.add_column(k, justify="right")
-    for r in rows:
-        per = r.get("per_task") or {}
-        table.add_row(r["model"], _fmt(r["test"]), _fmt(r.get("search")), *[_fmt(per.get(k)) for k in tasks])
-    out.print(table)
-
-
 @app.command()
 def status(
     study_file: Path = typer.Argument(..., help="study YAML"),
@@ -276,10 +213,8 @@ def status(
     storage: Optional[str] = StorageOpt,
 ) -> None:
     """Trials done / failed / running, the best score and recipe, and the final table once computed."""
-    from .study import summarize
-
-    study = _open_study(study_file, storage)
-    s = summarize(study.optuna)
+    _, store = _open_study(study_file, storage)
+    s = store.summary()
     if as_json:
         sys.stdout.write(json.dumps(s, indent=2) + "\n")
         return
@@ -289,61 +224,17 @@ def status(
     if s["best"]:
         out.print(f"best trial {s['best']['trial']}: {s['best']['value']:.4f} {s['best']['scores']}")
         if s["best"]["recipe"]:
-            out.print(_compact_recipe(s["best"]["recipe"]), highlight=False, markup=False)
+            out.print(compact_recipe(s["best"]["recipe"]), highlight=False, markup=False)
     for e in s["errors"][:5]:
         out.print(f"[yellow]trial {e['trial']} failed:[/] {e['error']}")
     if s["examples"]:
         out.print(f"examples evaluated on the search split: {s['examples']} ({s['raced_out']} trials stopped early by racing)")
     if s["pareto_front"]:
-        _print_pareto(s["pareto_front"])
+        print_pareto(s["pareto_front"])
     if s["final_table"]:
-        _print_table(s["final_table"])
+        print_table(s["final_table"])
     if s["final_eval"]:
-        _print_final_eval(s["final_eval"])
-
-
-def _compact_recipe(r: dict, groups_shown: int = 8) -> str:
-    """A recipe in a few lines: method and models by name, then per group its values (one per parent), or the
-    layer path; `evomerge export` writes it whole."""
-    names = ", ".join(Path(p).name for p in r["parents"])
-    lines = [f"best recipe: {r['method']} of {names}" + (f" on base {Path(r['base']).name}" if r.get("base") else "")
-             + (f", options {r['options']}" if r.get("options") else "")]
-    if r.get("path"):
-        path = r["path"]
-        if path.get("a"):
-            lines.append("  model 0 (A): " + _compact_recipe(path["a"], groups_shown).split("\n")[0].removeprefix(
-                "best recipe: "))
-        scales = path.get("scales") or [1.0] * len(path["layers"])
-        lines.append("  path [model:layer×scale]: " + " ".join(
-            f"{m}:{layer}×{sc:.2f}" for (m, layer), sc in zip(path["layers"], scales)))
-        return "\n".join(lines)
-    items = list(r["groups"].items())
-    for g, values in items[:groups_shown]:
-        lines.append(f"  {g}: " + ", ".join(f"{k} " + " ".join(f"{v:.3f}" for v in vs) for k, vs in values.items()))
-    if len(items) > groups_shown:
-        lines.append(f"  ... {len(items) - groups_shown} more groups (evomerge export -o FILE writes them all)")
-    return "\n".join(lines)
-
-
-def _print_pareto(front: list[dict]) -> None:
-    table = Table(title="Pareto front (search split, one objective per task)")
-    table.add_column("trial", justify="right")
-    tasks = sorted({k for r in front for k in (r.get("scores") or {})})
-    for k in tasks:
-        table.add_column(k, justify="right")
-    table.add_column("weighted", justify="right")
-    for r in front:
-        table.add_row(str(r["trial"]), *[_fmt((r["scores"] or {}).get(k)) for k in tasks], _fmt(r["value"]))
-    out.print(table)
-
-
-def _print_final_eval(rows: list[dict]) -> None:
-    table = Table(title="final evaluation: top trials re-scored on the test split")
-    for c in ("rank", "trial", "search", "test"):
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(str(r["rank"]), str(r["trial"]), _fmt(r["search"]), _fmt(r["test"]))
-    out.print(table)
+        print_final_eval(s["final_eval"])
 
 
 @app.command()
@@ -357,47 +248,41 @@ def export(
     """Write the best trial's recipe as a standalone YAML (evomerge's recipe or a mergekit config), or the Pareto
     front as one recipe per member."""
     from .recipe import Recipe
-    from .study import ATTR, pareto_front, trial_value
 
     if (output is None) == (pareto is None):
         _fail(ValueError("give exactly one of -o/--output FILE or --pareto DIR"))
     if fmt not in ("evomerge", "mergekit"):
         _fail(ValueError(f"--format: {fmt!r} is not one of evomerge, mergekit"))
-    study = _open_study(study_file, storage)
-    final = {r["trial"]: r for r in (study.optuna.user_attrs.get(ATTR + "final_eval") or {}).get("rows", [])}
+    cfg, store = _open_study(study_file, storage)
+    final = {r["trial"]: r for r in (store.get("final_eval") or {}).get("rows", [])}
     if pareto is not None:
-        front = pareto_front(study.optuna)
+        front = store.pareto_front()
         if not front:
-            _fail(ValueError(f"{study_file}: study {study.cfg.study!r} has no Pareto front "
+            _fail(ValueError(f"{study_file}: study {cfg.study!r} has no Pareto front "
                              "(it needs optimizer nsga2 and at least one completed trial)"))
         for t in front:
             path = pareto / f"trial-{t.number:05d}.yaml"
-            _write_recipe(Recipe.from_dict(t.user_attrs[ATTR + "recipe"]), path, t, final.get(t.number), fmt)
-        out.print(f"wrote {len(front)} recipes to {pareto} (Pareto front on {', '.join(t.task for t in study.cfg.fitness.tasks)})")
+            _write_recipe(Recipe.from_dict(t.recipe), path, t, final.get(t.number), fmt)
+        out.print(f"wrote {len(front)} recipes to {pareto} (Pareto front on {', '.join(t.task for t in cfg.fitness.tasks)})")
         return
-    best = study.best_trial()
+    best = store.best()
     if best is None:
-        _fail(ValueError(f"{study_file}: study {study.cfg.study!r} has no completed trial yet"))
-    _write_recipe(study.best_recipe(), output, best, final.get(best.number), fmt)
+        _fail(ValueError(f"{study_file}: study {cfg.study!r} has no completed trial yet"))
+    _write_recipe(Recipe.from_dict(best.recipe), output, best, final.get(best.number), fmt)
     test = final.get(best.number, {}).get("test")
-    out.print(f"wrote {output} (trial {best.number}, search score {trial_value(best):.4f}"
+    out.print(f"wrote {output} (trial {best.number}, search score {best.value:.4f}"
               + (f", test score {test:.4f})" if test is not None else ", no final evaluation yet)"))
 
 
 def _write_recipe(recipe, path: Path, trial, final: Optional[dict], fmt: str = "evomerge") -> None:
     """The recipe YAML, headed by comment lines with the trial's search and (when run) final test scores."""
-    from .study import ATTR, trial_value
+    from .recipefile import write_recipe
 
+    lines = [f"# trial {trial.number}: search score {trial.value:.4f} {json.dumps(trial.scores)}"]
+    if final and final.get("test") is not None:
+        lines.append(f"# final evaluation (test split): {final['test']:.4f} {json.dumps(final['per_task'])}")
     try:
-        if fmt == "mergekit":
-            _save_mergekit(recipe, path)
-        else:
-            recipe.save(path)
-        lines = [f"# trial {trial.number}: search score {trial_value(trial):.4f} "
-                 f"{json.dumps(trial.user_attrs.get(ATTR + 'scores'))}"]
-        if final and final.get("test") is not None:
-            lines.append(f"# final evaluation (test split): {final['test']:.4f} {json.dumps(final['per_task'])}")
-        path.write_text("\n".join(lines) + "\n" + path.read_text())
+        write_recipe(recipe, path, fmt, lines)
     except OSError as e:
         _fail(ValueError(f"{path}: cannot write the recipe ({e.strerror})"))
     except ValueError as e:
@@ -412,29 +297,15 @@ def report(
     storage: Optional[str] = StorageOpt,
 ) -> None:
     """Plots (scores over trials, per-task scores of the top trials, the winning recipe) and a markdown summary."""
-    from .config import safe_url
     from .report import write_report
+    from .storage_url import safe_url
 
-    study = _open_study(study_file, storage)
+    _, store = _open_study(study_file, storage)
     try:
-        summary = write_report(study.optuna, output, safe_url(study.storage_url), top)
+        summary = write_report(store, output, safe_url(store.url), top)
     except OSError as e:
         _fail(ValueError(f"{output}: cannot write the report ({e.strerror})"))
     out.print(f"wrote {summary}")
-
-
-def _save_mergekit(recipe, output: Path) -> None:
-    import yaml
-
-    from .io import inspect_model
-    from .mergekit import to_mergekit
-
-    if recipe.path is not None:
-        raise ValueError("a data-flow (layer path) recipe has no mergekit form; write the model with `evomerge merge`")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    rel = recipe.with_paths_relative_to(output.resolve().parent)
-    data = to_mergekit(rel, inspect_model(recipe.base or recipe.parents[0]))
-    output.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
 
 
 @app.command()
@@ -449,10 +320,10 @@ def merge(
     Tensors are merged one at a time from the parents' (sharded) safetensors, so memory stays at a few tensors per
     parent whatever the model size.
     """
-    from .config import check_device, load_recipe
-    from .dataflow import write_path_model
+    from .config import check_device
     from .io import pick_device
-    from .merge import write_model
+    from .recipefile import load_recipe
+    from .spaces import SearchSpace
 
     notes: list[str] = []
     try:
@@ -461,12 +332,9 @@ def merge(
         _fail(ValueError(f"--device: {e}"))
     try:
         recipe = load_recipe(recipe_file, notes)
-        _print_notes(recipe_file, notes)
-        if recipe.path is not None:
-            write_path_model(recipe, out_dir, pick_device(device))
-        else:
-            write_model(recipe, out_dir, pick_device(device), max_shard_bytes=int(shard_size * 1e9))
-    except _user_errors() as e:
+        print_notes(recipe_file, notes)
+        SearchSpace.of_recipe(recipe).write_model(recipe, out_dir, pick_device(device), int(shard_size * 1e9))
+    except EvomergeError as e:
         _fail(e, recipe_file)
     except OSError as e:
         _fail(ValueError(f"{out_dir}: cannot write the model ({e.strerror})"))
@@ -484,35 +352,23 @@ def convert(
     """Write the evomerge study a mergekit-evolve config means, for editing; what differs is noted at its top."""
     import yaml
 
-    from .config import ConfigError, load_study, load_yaml
-    from .evolve import is_evolve, study_from_evolve
+    from .config import ConfigError
+    from .evolve import is_evolve, relocated, study_from_evolve
+    from .studyfile import load_study
+    from .userfile import load_yaml
 
     try:
         data = load_yaml(evolve_file, "mergekit-evolve config")
         if not is_evolve(data):
             raise ConfigError(evolve_file, "genome", "not a mergekit-evolve config (it has no genome)")
         study, notes = study_from_evolve(data, evolve_file, _absolute(task_search_path))
-    except _user_errors() as e:
+    except EvomergeError as e:
         _fail(e)
     if budget:
         study["budget"] = budget
     if random_seed is not None:
         study["seed"] = random_seed
-    here, there = evolve_file.resolve().parent, output.resolve().parent
-
-    def moved(p: Optional[str]) -> Optional[str]:
-        """A local path as seen from the output's folder; Hub ids as they are."""
-        if p is None or not (here / p).exists():
-            return p
-        return os.path.relpath((here / p).resolve(), there)
-
-    models = study["models"]
-    models["parents"] = [moved(p) for p in models["parents"]]
-    if models.get("base"):
-        models["base"] = moved(models["base"])
-    if study["merge"].get("tokenizer_source") not in (None, "base", "union"):
-        study["merge"]["tokenizer_source"] = moved(study["merge"]["tokenizer_source"])
-    study["fitness"]["include_path"] = [os.path.relpath(p, there) for p in study["fitness"]["include_path"]]
+    study = relocated(study, evolve_file.resolve().parent, output.resolve().parent)
     header = [f"# converted from the mergekit-evolve config {evolve_file} by `evomerge convert`"]
     header += [f"# note: {n}" for n in notes]
     try:
@@ -522,10 +378,10 @@ def convert(
         _fail(ValueError(f"{output}: cannot write the study ({e.strerror})"))
     try:
         load_study(output, download=False)
-    except _user_errors() as e:
+    except EvomergeError as e:
         output.unlink()
         _fail(e)
-    _print_notes(evolve_file, notes)
+    print_notes(evolve_file, notes)
     out.print(f"wrote {output}: study {study['study']!r}; check it with `evomerge run {output} --check`")
 
 

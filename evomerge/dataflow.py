@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,35 +23,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .merge.materialize import DTYPES, Materializer
-from .recipe import Recipe
+from .recipe import LayerPath, PathError, Recipe, Step
 
 # pre-norm decoders whose layers write to the residual stream only through these two projections
 FOLDABLE = {"llama", "mistral", "qwen2", "qwen3"}
 RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
-class PathError(ValueError):
-    """A layer path that cannot run or be exported (empty, out of range, incompatible models)."""
-
-
-@dataclass(frozen=True)
-class Step:
-    model: int
-    layer: int
-    scale: float = 1.0
-
-
 def steps_of(path: dict) -> list[Step]:
     """The steps of a recipe's ``path`` mapping (``layers: [[model, layer], ...]``, ``scales: [...]``)."""
-    layers, scales = path.get("layers") or [], path.get("scales")
-    if not layers:
-        raise PathError("the layer path is empty: at least one decoder layer is needed")
-    scales = [1.0] * len(layers) if scales is None else scales
-    if len(scales) != len(layers):
-        raise PathError(f"path has {len(layers)} layers but {len(scales)} scales")
-    if any(not s > 0 for s in scales):
-        raise PathError("path scales must be positive (a scale <= 0 erases or flips the stream)")
-    return [Step(int(m), int(l), float(s)) for (m, l), s in zip(layers, scales)]
+    return LayerPath.of(path).steps
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:

@@ -14,6 +14,7 @@ instead of finding out.  The mapping (README, "Coming from mergekit-evolve"):
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,21 @@ def _tasks(raw: Any, limit: Any, bad) -> list[dict[str, Any]]:
             task["limit"] = limit
         out.append(task)
     return out
+
+
+def relocated(study: dict, source_dir: Path, out_dir: Path) -> dict:
+    """A converted study whose local paths (read relative to `source_dir`) are written relative to `out_dir`, where
+    the study file goes; Hub ids stay as they are."""
+    def moved(p: str | None) -> str | None:
+        if p is None or not (source_dir / p).exists():
+            return p
+        return os.path.relpath((source_dir / p).resolve(), out_dir)
+
+    models = study["models"]
+    models["parents"] = [moved(p) for p in models["parents"]]
+    if models.get("base"):
+        models["base"] = moved(models["base"])
+    if study["merge"].get("tokenizer_source") not in (None, "base", "union"):
+        study["merge"]["tokenizer_source"] = moved(study["merge"]["tokenizer_source"])
+    study["fitness"]["include_path"] = [os.path.relpath(p, out_dir) for p in study["fitness"]["include_path"]]
+    return study

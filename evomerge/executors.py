@@ -1,6 +1,6 @@
 """Executors run trials.  `local` evaluates in this process; `ray` keeps a pool of Ray actors, one per GPU or per
-CPU slot.  Every worker keeps the parents and the lm-eval tasks resident, so a candidate costs one in-place
-materialization plus forward passes.
+CPU slot.  Every worker (`worker.Worker`) keeps the parents and the lm-eval tasks resident, so a candidate costs one
+in-place materialization plus forward passes.
 
 The controller talks to both through one small interface: `submit` jobs while `free_slots` says a worker is idle,
 and take `results` as they complete, so no worker waits for a straggler that the optimizer does not need.
@@ -8,97 +8,22 @@ and take `results` as they complete, so no worker waits for a straggler that the
 from __future__ import annotations
 
 import abc
-import gc
 import os
 import socket
-import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .config import ExecutorConfig, StudyConfig
-from .dataflow import Dataflow
-from .fitness import Fitness, Score
-from .io import pick_device
-from .merge import Materializer
-from .merge.plan import study_plan
+from .errors import EvomergeError
 from .recipe import Recipe
+from .worker import TrialResult, Worker
 
 
-class ExecutorError(ValueError):
+class ExecutorError(EvomergeError, ValueError):
     """The executor cannot start (Ray not installed, cluster unreachable, no resources for one actor)."""
-
-
-@dataclass
-class TrialResult:
-    """One evaluation's outcome; `score.examples`, `score.stages` and `score.full` say how much racing spent."""
-
-    score: Score | None
-    timings: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    worker: str = "local"
-    attempts: int = 1
-
-
-class Worker:
-    """Parents resident, tasks built once; `evaluate` scores one recipe on one split."""
-
-    def __init__(self, cfg: StudyConfig):
-        from transformers import AutoTokenizer
-
-        self.device = pick_device(cfg.device)
-        self.materializer: Materializer | None = None
-        self.dataflow: Dataflow | None = None
-        if cfg.search_space.kind == "ps":
-            plan = study_plan(cfg, self.device)
-            self.materializer = Materializer(cfg.models.base, cfg.models.parents, self.device, cfg.merge.dtype,
-                                             mode=plan.mode if plan else "resident",
-                                             tokenizer_source=cfg.merge.tokenizer_source)
-            model = self.materializer.model
-        else:  # data-flow recipes run as paths over resident sources; the shell is what lm-eval wraps
-            self.dataflow = Dataflow(cfg.models.parents[0], self.device, cfg.candidate_dtype())
-            model = self.dataflow.model
-        vocab = self.materializer.vocab if self.materializer else None
-        tokenizer = vocab.tokenizer if vocab else AutoTokenizer.from_pretrained(
-            cfg.models.base or cfg.models.parents[0], trust_remote_code=False)
-        model.register_forward_hook(_refuse_non_finite_logits)  # the model object every candidate runs through
-        self.fitness = Fitness(cfg.fitness, model, tokenizer, str(self.device), seed=cfg.seed)
-
-    def evaluate(self, recipe: Recipe, split: str = "search",
-                 incumbent: dict[str, list[float]] | None = None) -> TrialResult:
-        """Never raises for a bad candidate: the error comes back in the result so only its trial fails.
-
-        `incumbent` (the best trial's per-example search scores) lets racing stop a candidate that cannot beat it.
-        """
-        t0 = time.perf_counter()
-        try:
-            if recipe.path is not None:
-                self.dataflow.apply(recipe)
-            else:
-                self.materializer.materialize(recipe)
-            t1 = time.perf_counter()
-            score = self.fitness.score(split, incumbent)
-            t2 = time.perf_counter()
-            return TrialResult(score, {"materialize_s": t1 - t0, "fitness_s": t2 - t1, "forward_s": score.forward_s})
-        except Exception as e:  # out of memory (CPU or CUDA), NaN logits, a task or metric that raises
-            error = f"{type(e).__name__}: {e}"
-        # after the handler, so the traceback's frames (and the tensors they hold) are gone before memory is returned
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return TrialResult(None, {"total_s": time.perf_counter() - t0}, error)
-
-
-def _refuse_non_finite_logits(module: torch.nn.Module, args: tuple, output) -> None:
-    """Greedy decoding turns NaN logits into some token and a plausible-looking score; fail the candidate instead.
-
-    Hooked on the whole CausalLM, not its head: a data-flow path swaps the head for its first model's.  Only the
-    extremes are checked (NaN and inf propagate into them), so no logits-sized mask is allocated per forward pass."""
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    if not torch.isfinite(torch.stack(torch.aminmax(logits))).all():
-        raise FloatingPointError("the candidate's logits are not finite (NaN or inf)")
 
 
 class Executor(abc.ABC):

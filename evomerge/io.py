@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import EvomergeError
 
-class ModelFilesError(ValueError):
+
+class ModelFilesError(EvomergeError, ValueError):
     """A model directory that cannot be used: missing, unreadable, corrupt, or not matching its siblings."""
 
 

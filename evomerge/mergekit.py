@@ -21,11 +21,10 @@ import math
 from typing import Any
 
 from .io import MODULES, ModelInfo, tensor_group
-from .merge.methods import METHODS, InvalidRecipe
-from .recipe import Recipe
+from .methodspec import SPECS, InvalidRecipe
+from .recipe import DTYPES, Recipe
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"}
-OUT_DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 TOKENIZER_SOURCES = ("base", "union")
 # mergekit switches that change memory or speed, never the merged weights, so evomerge can ignore them with a note
@@ -168,9 +167,9 @@ def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p,
     if unknown:
         raise InvalidRecipe(unknown[0], f"not a mergekit field evomerge understands; known: {', '.join(sorted(TOP_KEYS))}")
     method = data.get("merge_method")
-    if method not in METHODS:
-        raise InvalidRecipe("merge_method", f"unknown merge method {method!r}; allowed: {', '.join(METHODS)}")
-    m = METHODS[method]
+    if method not in SPECS:
+        raise InvalidRecipe("merge_method", f"unknown merge method {method!r}; allowed: {', '.join(SPECS)}")
+    m = SPECS[method]
     if not isinstance(data.get("parameters") or {}, dict):
         raise InvalidRecipe("parameters", "expected a mapping of parameter names to settings")
     top = dict(data.get("parameters") or {})
@@ -234,8 +233,8 @@ def from_mergekit(data: dict[str, Any], info: ModelInfo, resolve=lambda p: p,
         raise InvalidRecipe("tokenizer_source", f"{tokenizer!r} is not base, union, nor one of the models")
     dtype = data.get("out_dtype") or data.get("dtype") or "float32"
     dtype = DTYPE_ALIASES.get(dtype, dtype)
-    if dtype not in OUT_DTYPES:
-        raise InvalidRecipe("dtype", f"{dtype!r} is not one of {', '.join(OUT_DTYPES)}")
+    if dtype not in DTYPES:
+        raise InvalidRecipe("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
     if tokenizer not in (None, "base", "union"):
         tokenizer = resolve(tokenizer)
     return Recipe(method=method, parents=[resolve(p) for p in parents],
@@ -324,7 +323,7 @@ def _passthrough_weights(layer_params: dict, parents: list[str], group: str, bas
 def to_mergekit(recipe: Recipe, info: ModelInfo) -> dict[str, Any]:
     """A mergekit config that sets every tensor exactly as `recipe` does: per-layer values as a gradient, one
     condition per module filter the recipe uses, one exact-name filter per embedding/head tensor."""
-    m = METHODS[recipe.method]
+    m = SPECS[recipe.method]
     if recipe.method == "passthrough":
         raise InvalidRecipe("method", "passthrough recipes export as mergekit slices only from a layer-path recipe; "
                                       "export this recipe in evomerge format")

@@ -8,11 +8,19 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import EvomergeError
 
 FORMAT = "evomerge-recipe/1"
+
+# the dtypes a candidate can be merged in; torch's are derived from these names where torch is used
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -75,3 +83,59 @@ class Recipe:
         data = self.with_paths_relative_to(path.resolve().parent).to_dict()
         path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
         return path
+
+
+class PathError(EvomergeError, ValueError):
+    """A layer path that cannot run or be exported (empty, out of range, incompatible models)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One path position: the decoder `layer` of source `model`, entered by the stream times `scale`."""
+
+    model: int
+    layer: int
+    scale: float = 1.0
+
+
+class LayerPath(BaseModel):
+    """A recipe's ``path`` checked once, by the same rules whether it comes from a recipe file (errors name the
+    field) or from a stored trial: at least one ``[model, layer]``, one positive scale per position if scales are
+    given.  ``a`` (PS+DFS) is a parameter-space recipe whose merge is model 0."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    layers: list[tuple[int, int]] = Field(..., description="[model, layer] per path position")
+    scales: list[float] | None = None
+    a: dict[str, Any] | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("the layer path is empty: at least one [model, layer] is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> LayerPath:
+        if self.scales is not None:
+            if len(self.scales) != len(self.layers):
+                raise ValueError(f"{len(self.scales)} scales for {len(self.layers)} layers")
+            if any(s <= 0 for s in self.scales):
+                raise ValueError("scales must be > 0 (a scale <= 0 erases or flips the hidden state)")
+        return self
+
+    @classmethod
+    def of(cls, path: dict[str, Any]) -> LayerPath:
+        """A stored recipe's path mapping, checked; `PathError` with the first broken rule otherwise."""
+        try:
+            return cls.model_validate(path)
+        except ValidationError as err:
+            e = err.errors()[0]
+            where = ".".join(str(p) for p in e["loc"])
+            raise PathError(f"path{'.' + where if where else ''}: {e['msg'].removeprefix('Value error, ')}") from None
+
+    @property
+    def steps(self) -> list[Step]:
+        scales = self.scales or [1.0] * len(self.layers)
+        return [Step(m, layer, s) for (m, layer), s in zip(self.layers, scales)]

@@ -14,27 +14,26 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from .io import group_order  # noqa: E402
-from .study import ATTR, ranked_trials, summarize, trial_value  # noqa: E402
+from .store import StudyStore, TrialRecord  # noqa: E402
 
 DPI = 100
 
 
-def plot_scores(trials: list[optuna.trial.FrozenTrial], out: Path) -> Path:
+def plot_scores(trials: list[TrialRecord], out: Path) -> Path:
     """Every trial's score in the order it was proposed, the best so far as a step line, failures as red crosses."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
-    done = [t for t in trials if t.state == TrialState.COMPLETE and not np.isnan(trial_value(t))]
+    done = [t for t in trials if t.state == TrialState.COMPLETE and not np.isnan(t.value)]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if done:
         xs = [t.number for t in done]
-        ys = [trial_value(t) for t in done]
+        ys = [t.value for t in done]
         ax.scatter(xs, ys, s=12, alpha=0.6, label="trial")
         ax.step(xs, np.maximum.accumulate(ys), where="post", color="C1", linewidth=2, label="best so far")
     if failed:
-        floor = min((trial_value(t) for t in done), default=0.0)
+        floor = min((t.value for t in done), default=0.0)
         ax.scatter([t.number for t in failed], [floor] * len(failed), marker="x", color="red", label="failed")
     ax.set_xlabel("trial")
     ax.set_ylabel("fitness (search split)")
@@ -46,20 +45,20 @@ def plot_scores(trials: list[optuna.trial.FrozenTrial], out: Path) -> Path:
     return out
 
 
-def plot_tasks(top: list[optuna.trial.FrozenTrial], out: Path) -> Path:
+def plot_tasks(top: list[TrialRecord], out: Path) -> Path:
     """Per-task scores of the top trials as grouped bars: which skills each winner trades against the others."""
-    tasks = sorted({k for t in top for k in (t.user_attrs.get(ATTR + "scores") or {})})
+    tasks = sorted({k for t in top for k in (t.scores or {})})
     fig, ax = plt.subplots(figsize=(7, 4), dpi=DPI)
     width = 0.8 / max(len(tasks), 1)
     x = np.arange(len(top))
     for j, task in enumerate(tasks):
-        ax.bar(x + j * width, [(t.user_attrs.get(ATTR + "scores") or {}).get(task, 0.0) for t in top], width,
+        ax.bar(x + j * width, [(t.scores or {}).get(task, 0.0) for t in top], width,
                label=task)
     ax.set_xticks(x + width * (len(tasks) - 1) / 2, [f"#{t.number}" for t in top])
     ax.set_xlabel("trial (best first)")
     ax.set_ylabel("task score (search split)")
     ax.grid(axis="y", alpha=0.3)
-    top_score = max([(t.user_attrs.get(ATTR + "scores") or {}).get(k, 0.0) for t in top for k in tasks] or [1.0])
+    top_score = max([(t.scores or {}).get(k, 0.0) for t in top for k in tasks] or [1.0])
     ax.set_ylim(0, 1.2 * max(top_score, 1e-6))  # headroom for the legend
     if tasks:
         ax.legend(loc="upper center", ncol=len(tasks))
@@ -125,13 +124,13 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def write_report(st: optuna.Study, out_dir: str | Path, storage: str = "", top: int = 5) -> Path:
+def write_report(store: StudyStore, out_dir: str | Path, storage: str = "", top: int = 5) -> Path:
     """Draw the plots into `out_dir` and write `summary.md` embedding them; returns the summary's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    s = summarize(st)
-    trials = sorted(st.get_trials(deepcopy=False), key=lambda t: t.number)
-    ranked = ranked_trials(st)[:top]
+    s = store.summary()
+    trials = sorted(store.records(), key=lambda t: t.number)
+    ranked = store.ranked()[:top]
     lines = [f"# Study `{s['study']}`", ""]
     if storage:
         lines += [f"Storage: `{storage}`", ""]
@@ -144,12 +143,12 @@ def write_report(st: optuna.Study, out_dir: str | Path, storage: str = "", top: 
     if trials:
         lines += ["## Scores over trials", "", f"![scores]({plot_scores(trials, out / 'scores.png').name})", ""]
     if ranked:
-        tasks = sorted({k for t in ranked for k in (t.user_attrs.get(ATTR + "scores") or {})})
+        tasks = sorted({k for t in ranked for k in (t.scores or {})})
         lines += ["## Top trials", "", "| trial | generation | fitness | " + " | ".join(tasks) + " |",
                   "|---|---|---|" + "---|" * len(tasks)]
         for t in ranked:
-            per = t.user_attrs.get(ATTR + "scores") or {}
-            lines.append(f"| {t.number} | {t.user_attrs.get(ATTR + 'generation', '-')} | {_f(trial_value(t))} | "
+            per = t.scores or {}
+            lines.append(f"| {t.number} | {'-' if t.generation is None else t.generation} | {_f(t.value)} | "
                          + " | ".join(_f(per.get(k)) for k in tasks) + " |")
         lines += ["", f"![per-task scores]({plot_tasks(ranked, out / 'tasks.png').name})", ""]
     recipe = (s["best"] or {}).get("recipe")

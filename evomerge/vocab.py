@@ -16,6 +16,7 @@ import torch
 
 from .io import ModelFilesError, ModelInfo, tensor_group
 
+
 def tokenizer_of(path: str):
     from transformers import AutoTokenizer
 

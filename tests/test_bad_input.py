@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.config import load_study
 from evomerge.executors import LocalExecutor
 from evomerge.io import load_state_dict
 from evomerge.study import Study
+from evomerge.studyfile import load_study
 from tests.conftest import FITNESS, ROOT, TINY
 from tests.test_reliability import BAD_PG, SECRET, small_study
 
@@ -495,7 +495,7 @@ def test_hardening_an_unexpected_error_is_one_line_with_a_hint_and_debug_shows_t
     def broken(*_a, **_k):
         raise KeyError("an internal slip")
 
-    monkeypatch.setattr(evomerge.cli, "_compact_recipe", broken)
+    monkeypatch.setattr(evomerge.cli, "compact_recipe", broken)
     r = CliRunner().invoke(app, ["status", str(existing)])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "error: KeyError: 'an internal slip'" in r.stderr and "--debug" in r.stderr and "report" in r.stderr

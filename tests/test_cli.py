@@ -44,8 +44,8 @@ def test_run_status_export_merge_reproduce_the_winner(tmp_path, evomerge_cmd):
     r = run(evomerge_cmd, "merge", tmp_path / "best.yaml", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
 
-    from evomerge.config import load_study
     from evomerge.fitness import Fitness
+    from evomerge.studyfile import load_study
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")

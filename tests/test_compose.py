@@ -2,14 +2,14 @@
 command it runs exists in the image it builds (the package's CLI, Ray's, optuna-dashboard, pg_isready)."""
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from evomerge.cli import app
-from evomerge.config import load_study
+from evomerge.studyfile import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from evomerge.config import ConfigError, load_study
+from evomerge.config import ConfigError
 from evomerge.dataflow import Dataflow, PathError, check_foldable, steps_of, write_path_model
 from evomerge.executors import LocalExecutor
 from evomerge.io import inspect_model
@@ -18,6 +18,7 @@ from evomerge.optimizers import CatCMA, Optimizer, create_optimizer
 from evomerge.recipe import Recipe
 from evomerge.spaces import DataflowSpace, Range
 from evomerge.study import Study
+from evomerge.studyfile import load_study
 
 from .conftest import TINY, write_study
 
@@ -43,8 +44,8 @@ def copied_model(flow: Dataflow, path: dict) -> torch.nn.Module:
     config.num_hidden_layers = len(path["layers"])
     ref = AutoModelForCausalLM.from_config(config)
     state = {k: v for k, v in models[0].state_dict().items() if ".layers." not in k}
-    for k, (m, l) in enumerate(path["layers"]):
-        for name, t in models[m].model.layers[l].state_dict().items():
+    for k, (m, layer) in enumerate(path["layers"]):
+        for name, t in models[m].model.layers[layer].state_dict().items():
             state[f"model.layers.{k}.{name}"] = t.clone()
     ref.load_state_dict(state)
     return ref.eval()
@@ -212,7 +213,7 @@ def test_non_finite_logits_fail_a_path_whose_first_model_is_not_the_shells_templ
     base = executor.cfg.models.base
     layers = [[0, i] for i in range(inspect_model(base).num_layers)]
     with torch.no_grad():
-        executor.worker.dataflow.source(base).lm_head.weight.fill_(float("nan"))
+        executor.worker.resident.engine.source(base).lm_head.weight.fill_(float("nan"))
     result = executor.evaluate(Recipe("passthrough", [base], {}, path={"layers": layers}), "test")
     assert result.score is None and "logits are not finite" in result.error
 

@@ -5,7 +5,8 @@ import subprocess
 import pytest
 import yaml
 
-from evomerge.config import ConfigError, load_study
+from evomerge.config import ConfigError
+from evomerge.studyfile import load_study
 from tests.conftest import FITNESS, TINY
 
 EXAMPLE = TINY / "evolve.yaml"

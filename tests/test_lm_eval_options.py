@@ -3,8 +3,9 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.config import ConfigError, load_study
+from evomerge.config import ConfigError
 from evomerge.fitness import Fitness, FitnessError
+from evomerge.studyfile import load_study
 from tests.conftest import FITNESS, TINY, with_fitness, write_study
 
 CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -57,6 +58,16 @@ def test_the_chat_template_wraps_prompts_and_few_shot_turns(tmp_path, resident):
     up = prompts(f)[0]
     assert up.startswith("<|user|>") and up.count("<|assistant|>") == 2 and up.endswith("<|assistant|>")
     assert "<|" not in prompts(f, "tiny_rot")[0]
+
+
+def test_scoring_leaves_lm_eval_as_it_found_it(tmp_path, resident):
+    """The template cache is installed only while a call renders templates: lm-eval's shared Jinja environment
+    compiles afresh outside one, for any other user of lm-eval in the process."""
+    from lm_eval.utils import env
+
+    f = fitness(tmp_path, resident, limit=3)
+    f.score("search")
+    assert "from_string" not in vars(env) and f.forward_s > 0
 
 
 def test_a_chat_template_the_tokenizer_lacks_is_refused(tmp_path, resident):

@@ -41,8 +41,9 @@ def test_materialize_writes_into_the_same_model_object(mat):
 
 
 def test_parents_with_different_shapes_are_rejected_naming_the_tensor(tmp_path, tiny):
-    from safetensors.torch import save_file
     import shutil
+
+    from safetensors.torch import save_file
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny / "up", bad)

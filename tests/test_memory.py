@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from evomerge.config import load_study
 from evomerge.merge.plan import MemoryPlanError, plan_memory
 from evomerge.study import Study
+from evomerge.studyfile import load_study
 from tests.conftest import write_study
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 import yaml
 
-from evomerge.config import ConfigError, load_recipe
+from evomerge.config import ConfigError
 from evomerge.io import inspect_model, load_state_dict
 from evomerge.merge import write_model
 from evomerge.mergekit import evaluate_setting, to_mergekit
 from evomerge.recipe import Recipe
+from evomerge.recipefile import load_recipe
 
 GROUPS = ["embed", "layers.0", "layers.1", "layers.2", "layers.3", "head"]
 

@@ -4,10 +4,27 @@ import math
 import pytest
 import torch
 
-from evomerge.merge.methods import (InvalidRecipe, breadcrumbs_ties, dare_linear, dare_ties, della_linear, linear,
-                                    magnitude_keep, magnitude_ranks, model_stock, outlier_window,
-                                    passthrough, random_bits, row_rank_fractions, slerp, task_arithmetic, tensor_seeds,
-                                    ties, topk_window, validate)
+from evomerge.merge.methods import (
+    InvalidRecipe,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della_linear,
+    linear,
+    magnitude_keep,
+    magnitude_ranks,
+    model_stock,
+    outlier_window,
+    passthrough,
+    random_bits,
+    row_rank_fractions,
+    slerp,
+    task_arithmetic,
+    tensor_seeds,
+    ties,
+    topk_window,
+    validate,
+)
 
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
 DELTAS = torch.tensor([[0.5, -0.2, 0.0, 0.1],

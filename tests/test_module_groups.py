@@ -6,8 +6,9 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.config import ConfigError, load_study
+from evomerge.config import ConfigError
 from evomerge.spaces import ParameterSpace, Range
+from evomerge.studyfile import load_study
 from tests.conftest import write_study
 
 

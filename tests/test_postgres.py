@@ -110,7 +110,8 @@ def test_an_unreachable_database_fails_in_seconds_with_exit_2_and_no_password(tm
 
 
 def test_storage_urls_get_an_installed_driver_or_a_clear_refusal():
-    from evomerge.config import ConfigError, check_storage_url
+    from evomerge.config import ConfigError
+    from evomerge.storage_url import check_storage_url
 
     assert check_storage_url("postgresql://u@h/db").startswith("postgresql+psycopg://")
     with pytest.raises(ConfigError, match="not a database URL"):

@@ -11,9 +11,9 @@ import pytest
 import ray
 from optuna.trial import TrialState
 
-from evomerge.config import load_study
 from evomerge.executors import LocalExecutor, RayExecutor
 from evomerge.study import ATTR, Study
+from evomerge.studyfile import load_study
 from tests.conftest import write_study
 
 RAY = {"name": "ray", "actors": 2, "num_cpus_per_actor": 1, "threads_per_actor": 1, "max_retries": 2}

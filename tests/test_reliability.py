@@ -19,9 +19,9 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.config import load_study
 from evomerge.executors import LocalExecutor
 from evomerge.study import ATTR, Study
+from evomerge.studyfile import load_study
 from tests.conftest import with_fitness, write_study
 
 BUDGET = 16
@@ -235,7 +235,7 @@ def test_an_exception_inside_fitness_fails_each_trial_with_its_reason_and_the_st
 
 OOM_SCRIPT = """
 import json, resource, sys
-from evomerge.config import load_study
+from evomerge.studyfile import load_study
 from evomerge.executors import LocalExecutor
 from evomerge.study import Study
 

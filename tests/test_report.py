@@ -15,10 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.config import load_study
 from evomerge.executors import LocalExecutor
 from evomerge.report import plot_path
 from evomerge.study import ATTR, Study
+from evomerge.studyfile import load_study
 from tests.test_reliability import NaNWeightForSecond, small_study
 
 

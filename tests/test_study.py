@@ -3,9 +3,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from evomerge.config import load_study
 from evomerge.executors import LocalExecutor, TrialResult
 from evomerge.study import ATTR, Study
+from evomerge.studyfile import load_study
 
 
 @pytest.fixture(scope="module")

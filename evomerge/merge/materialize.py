@@ -29,6 +29,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import __version__
+from ..errors import EvomergeError
 from ..io import (check_compatible, group_order, inspect_model, model_license, model_name, recipe_groups,
                   stored_size, tensor_group, write_sharded)
 from ..recipe import Recipe
@@ -49,7 +50,7 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-class RecipeMismatch(ValueError):
+class RecipeMismatch(EvomergeError, ValueError):
     """A recipe that does not fit the resident parents (other models, missing groups) or breaks its method's rules."""
 
 

@@ -22,13 +22,15 @@ index), so the search's candidate and the exported model are the same weights, i
 """
 from __future__ import annotations
 
-import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from ..methodspec import SPECS, MethodSpec, check_recipe, get_spec
+from ..methodspec import InvalidRecipe as InvalidRecipe  # re-exported: the engine and tests import it from here
 
 Parents = list[Tensor] | Tensor  # one flattened [M] tensor per parent
 
@@ -294,69 +296,31 @@ def model_stock(base: Tensor, deltas: Parents) -> Tensor:
     return base + ratio * _add(list(deltas)) / n
 
 
-# --- the registry --------------------------------------------------------------------------------------------------
+# --- the registry: each spec of methodspec.SPECS with its function ------------------------------------------------
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered method.
+@dataclass(frozen=True, kw_only=True)
+class MergeMethod(MethodSpec):
+    """A registered method: its `MethodSpec` and the function that merges one tensor.  ``select``: the magnitude
+    window behind ``keep``; it consumes ``density`` and ``gamma``."""
 
-    ``tensor_params``: per-parent values a recipe gives per merge group, with their defaults (None = required).
-    ``options``: global options with defaults.  ``aux``: what the function needs besides the tensors (``keep`` from
-    a magnitude window, ``row_ranks`` from the parents, ``bits`` from the recipe seed).  ``select``: the magnitude
-    window behind ``keep``; it consumes ``density`` and ``gamma``.  ``models``: allowed number of parents (min, max).
-    ``uses_base``: the function works on task vectors and needs a base model.  ``whole_tensor``: the function reduces
-    over the whole tensor (norms), so it cannot run chunk by chunk.
-    """
-
-    name: str
     fn: Callable[..., Tensor]
-    tensor_params: dict[str, float | None]
-    options: dict[str, Any] = field(default_factory=dict)
-    uses_base: bool = True
-    aux: tuple[str, ...] = ()
-    models: tuple[int, int | None] = (1, None)
     select: Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None
-    whole_tensor: bool = False
-
-    @property
-    def random(self) -> bool:
-        return "bits" in self.aux
 
 
-_GTA = {"normalize": False, "lambda": 1.0}
-_RANDOM = {"rescale": True, "rescale_mode": "density"}
-RESCALE_MODES = ("density", "l1")
+_FUNCTIONS = {"linear": linear, "task_arithmetic": task_arithmetic, "ties": ties, "dare_ties": dare_ties,
+              "dare_linear": dare_linear, "breadcrumbs": breadcrumbs, "breadcrumbs_ties": breadcrumbs_ties,
+              "della": della, "della_linear": della_linear, "slerp": slerp, "model_stock": model_stock,
+              "passthrough": passthrough}
+_SELECTS = {"ties": topk_window, "breadcrumbs": outlier_window, "breadcrumbs_ties": outlier_window}
 
 METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        MergeMethod("linear", linear, {"weight": None}, {"normalize": True}, uses_base=False),
-        MergeMethod("task_arithmetic", task_arithmetic, {"weight": None}, dict(_GTA)),
-        MergeMethod("ties", ties, {"weight": None, "density": 1.0}, {**_GTA, "normalize": True}, aux=("keep",),
-                    select=topk_window),
-        MergeMethod("dare_ties", dare_ties, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM}, aux=("bits",)),
-        MergeMethod("dare_linear", dare_linear, {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM},
-                    aux=("bits",)),
-        MergeMethod("breadcrumbs", breadcrumbs, {"weight": None, "density": 1.0, "gamma": 0.01}, dict(_GTA),
-                    aux=("keep",), select=outlier_window),
-        MergeMethod("breadcrumbs_ties", breadcrumbs_ties, {"weight": None, "density": 1.0, "gamma": 0.01},
-                    dict(_GTA), aux=("keep",), select=outlier_window),
-        MergeMethod("della", della, {"weight": None, "density": 1.0, "epsilon": 0.0},
-                    {**_GTA, **_RANDOM, "normalize": True}, aux=("row_ranks", "bits")),
-        MergeMethod("della_linear", della_linear, {"weight": None, "density": 1.0, "epsilon": 0.0},
-                    {**_GTA, **_RANDOM}, aux=("row_ranks", "bits")),
-        MergeMethod("slerp", slerp, {"t": None}, models=(1, 1), whole_tensor=True),
-        MergeMethod("model_stock", model_stock, {}, models=(2, None), whole_tensor=True),
-        MergeMethod("passthrough", passthrough, {"weight": None}, uses_base=False),
-    )
+    name: MergeMethod(**spec.spec_fields(), fn=_FUNCTIONS[name], select=_SELECTS.get(name))
+    for name, spec in SPECS.items()
 }
 
 
 def get_method(name: str) -> MergeMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; allowed: {', '.join(METHODS)}") from None
+    return METHODS[get_spec(name).name]
 
 
 def apply(method: MergeMethod, base: Tensor | None, xs: Parents, params: dict[str, Tensor],
@@ -369,77 +333,7 @@ def apply(method: MergeMethod, base: Tensor | None, xs: Parents, params: dict[st
     return method.fn(xs, **tensors, **kwargs)
 
 
-# --- validation: everything that can be checked before any tensor is read -----------------------------------------
-
-class InvalidRecipe(ValueError):
-    """A recipe that no model could satisfy; `field` is the dotted path of the offending entry."""
-
-    def __init__(self, field: str, message: str):
-        self.field, self.message = field, message
-        super().__init__(f"{field}: {message}")
-
-
-_OPTION_TYPES = {"normalize": bool, "rescale": bool, "lambda": (int, float), "rescale_mode": str}
-
-
 def validate(method_name: str, base: str | None, parents: list[str], groups: dict[str, dict[str, list[float]]],
              options: dict[str, Any]) -> MergeMethod:
-    """Check a recipe against its method's contract; raise `InvalidRecipe` naming the field, else return the method."""
-    if method_name not in METHODS:
-        raise InvalidRecipe("method", f"unknown merge method {method_name!r}; allowed: {', '.join(METHODS)}")
-    m = METHODS[method_name]
-    if m.uses_base and not base:
-        raise InvalidRecipe("base", f"method {m.name} works on task vectors (parent minus base): set the base model")
-    lo, hi = m.models
-    if len(parents) < lo or (hi is not None and len(parents) > hi):
-        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-        extra = " (slerp interpolates two models: the base, at t=0, and one parent)" if m.name == "slerp" else ""
-        raise InvalidRecipe("parents", f"method {m.name} takes {want} parent(s) besides the base, got {len(parents)}"
-                                       f"{extra}")
-    for k, v in options.items():
-        if k not in m.options:
-            raise InvalidRecipe(f"options.{k}", f"not an option of {m.name}; allowed: {', '.join(m.options) or 'none'}")
-        if not isinstance(v, _OPTION_TYPES[k]) or (k == "lambda" and isinstance(v, bool)):
-            raise InvalidRecipe(f"options.{k}", f"expected {_OPTION_TYPES[k]}, got {type(v).__name__}")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise InvalidRecipe(f"options.{k}", "must be finite (not NaN or infinity)")
-        if k == "rescale_mode" and v not in RESCALE_MODES:
-            raise InvalidRecipe(f"options.{k}", f"{v!r} is not one of {', '.join(RESCALE_MODES)}")
-    normalize = {**m.options, **options}.get("normalize", False)
-    for g, values in groups.items():
-        _validate_group(m, f"groups.{g}", values, len(parents), normalize)
-    return m
-
-
-def _validate_group(m: MergeMethod, where: str, values: dict[str, list[float]], n: int, normalize: bool) -> None:
-    for p, vs in values.items():
-        if p not in m.tensor_params:
-            raise InvalidRecipe(f"{where}.{p}", f"not a parameter of {m.name}; allowed: "
-                                                f"{', '.join(m.tensor_params) or 'none'}")
-        if not isinstance(vs, list) or len(vs) != n or not all(isinstance(v, (int, float)) for v in vs):
-            raise InvalidRecipe(f"{where}.{p}", f"expected a list of {n} numbers (one per parent), got "
-                                                f"{str(vs)[:80]!r}")
-        if not all(math.isfinite(v) for v in vs):
-            raise InvalidRecipe(f"{where}.{p}", "values must be finite")
-    for p, default in m.tensor_params.items():
-        if default is None and p not in values:
-            raise InvalidRecipe(f"{where}.{p}", f"required by {m.name} (one value per parent)")
-    full = {p: values.get(p, [d] * n) for p, d in m.tensor_params.items()}
-    bounds = {"density": (0.0, 1.0, "(0, 1]"), "t": (0.0, 1.0, "[0, 1]"), "gamma": (0.0, 1.0, "[0, 1)"),
-              "epsilon": (0.0, 1.0, "[0, 1)")}
-    for p, (lo, hi, text) in bounds.items():
-        for v in full.get(p, []):
-            bad = (v <= lo if p == "density" else v < lo) or (v >= hi if p in ("gamma", "epsilon") else v > hi)
-            if bad:
-                raise InvalidRecipe(f"{where}.{p}", f"{v} is outside {text}")
-    if "epsilon" in full:
-        for d, e in zip(full["density"], full["epsilon"]):
-            if d < 1 and (d - e < 0 or d + e > 1):
-                raise InvalidRecipe(f"{where}.epsilon", f"density ± epsilon must lie within [0, 1] (density {d}, "
-                                                        f"epsilon {e})")
-    if normalize and "weight" in full and abs(sum(full["weight"])) < 1e-8:
-        raise InvalidRecipe(f"{where}.weight", "weights sum to zero, which `normalize` would divide by; "
-                                               "set options.normalize: false or change the weights")
-    if m.name == "passthrough" and sum(w != 0 for w in full["weight"]) != 1:
-        raise InvalidRecipe(f"{where}.weight", "passthrough takes each group from exactly one parent: "
-                                               "give exactly one non-zero weight (its scale)")
+    """`methodspec.check_recipe`, returning the method with its function; raises `InvalidRecipe` naming the field."""
+    return METHODS[check_recipe(method_name, base, parents, groups, options).name]

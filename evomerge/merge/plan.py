@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import EvomergeError
 from ..io import inspect_model, stored_size
 from .parents import INDEX_ENTRY_BYTES, SAMPLE_FRACTION, chunk_size
 
@@ -33,7 +34,7 @@ WORKSPACE_TEMPS = 8  # fp32 [N+1, chunk] temporaries alive at once in the eager 
 FORWARD_TOKENS = 1024  # sequence length assumed for the forward-pass estimate
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(EvomergeError, ValueError):
     """The study's models cannot fit the device even with the parents streamed from host memory."""
 
 

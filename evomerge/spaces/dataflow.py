@@ -17,12 +17,19 @@ CMA-ES; CatCMA proposes category centres ``(i + 0.5) / n``.
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..config import Range
 from ..recipe import Recipe
-from .base import SearchSpace
-from .parameter import Range
+from .base import Resident, SearchSpace
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import StudyConfig
 
 
 def category(x: float, n: int) -> int:
@@ -30,34 +37,53 @@ def category(x: float, n: int) -> int:
 
 
 class DataflowSpace(SearchSpace):
-    """Genome -> layer path over resident sources (model A first); see the module docstring for the layouts."""
+    """Genome -> layer path over resident sources (model A first); one subclass per layout (see the module
+    docstring).  ``DataflowSpace(..., layout=...)`` builds the layout's class."""
+
+    kinds = ("dfs", "ps+dfs")
+    layouts: dict[str, type[DataflowSpace]] = {}
+    layout: str
+
+    @classmethod
+    def load(cls, cfg: StudyConfig, device: torch.device) -> Resident:
+        """Source models loaded once (model A merged once for ps+dfs, on the first recipe that names it); a candidate
+        is a layer path run through one shell built from the first parent, which is what lm-eval wraps."""
+        from ..dataflow import Dataflow
+
+        d = Dataflow(cfg.models.parents[0], device, cfg.candidate_dtype())
+        return Resident(d, d.model, None, d.apply)
+
+    @classmethod
+    def write_model(cls, recipe: Recipe, out_dir: Path, device: torch.device, max_shard_bytes: int) -> Path:
+        """The path's layers copied into a plain model directory (unsharded: a path is at most its sources' size)."""
+        from ..dataflow import write_path_model
+
+        return write_path_model(recipe, out_dir, device)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        DataflowSpace.layouts[cls.layout] = cls
+
+    def __new__(cls, *args, layout: str = "published", **kwargs):
+        if cls is DataflowSpace:
+            if layout not in cls.layouts:
+                raise ValueError(f"unknown data-flow layout {layout!r}; allowed: {', '.join(cls.layouts)}")
+            cls = cls.layouts[layout]
+        return super().__new__(cls)
 
     def __init__(self, *, parents: list[str], num_layers: list[int], scale: Range, repeats: int = 3,
-                 layout: str = "published", a: dict | None = None, dtype: str = "float32"):
+                 layout: str = "published", a: dict | None = None, dtype: str = "float32", base: str | None = None,
+                 a_study: str | None = None):
         self.kind = "ps+dfs" if a else "dfs"
         self.parents = list(parents)
         self.a = a
+        self.a_study = a_study
+        self.base = base
         self.num_layers = list(num_layers)
         self.scale = scale
         self.repeats = repeats
-        self.layout = layout
         self.dtype = dtype
-        labels = (["A"] if a else []) + [Path(p).name for p in self.parents]
-        if layout == "published":
-            self.slots = [(m, l) for _ in range(repeats) for m, n in enumerate(self.num_layers) for l in range(n)]
-            slot_names = [f"slot{t}:{labels[m]}.{l}" for t, (m, l) in enumerate(self.slots)]
-            self._names = [f"{s}/include" for s in slot_names] + [f"{s}/scale" for s in slot_names]
-            self._categories = [2] * len(self.slots) + [0] * len(self.slots)
-        elif layout == "positions":
-            if len(self.num_layers) != 2 or self.num_layers[0] != self.num_layers[1]:
-                raise ValueError("layout 'positions' needs exactly two source models with the same number of layers")
-            depth = self.num_layers[0]
-            self.scale_keys = [(m, k) for k in range(depth) for m in (0, 1) if (m, k) != (0, 0)]
-            self._names = ([f"depth{k}/choice" for k in range(depth)]
-                           + [f"depth{k}/scale/{labels[m]}" for m, k in self.scale_keys])
-            self._categories = [3] * depth + [0] * len(self.scale_keys)
-        else:
-            raise ValueError(f"unknown data-flow layout {layout!r}; allowed: published, positions")
+        self.labels = (["A"] if a else []) + [Path(p).name for p in self.parents]
 
     @property
     def names(self) -> list[str]:
@@ -66,40 +92,96 @@ class DataflowSpace(SearchSpace):
     def categories(self) -> list[int]:
         return self._categories
 
-    def x0(self) -> list[float]:
-        """The search starts around model A's own path, unscaled: scales at 1.0; in the published layout, A's inner
-        layers of the first repeat leaning to include (0.85) and every other slot to skip (0.1).  From the centre of
-        the cube (half of all slots included) nearly every path is far from any working model."""
+    def _unscaled(self) -> float:
+        """Where in the unit interval a scale of 1.0 lies (the start of every scale coordinate)."""
         one = (1.0 - self.scale.low) / (self.scale.high - self.scale.low) if self.scale.high > self.scale.low else 0.5
-        one = min(max(one, 0.0), 1.0)
-        if self.layout != "published":
-            return [0.5 if n else one for n in self._categories]
-        last = self.num_layers[0] - 1
-        lean = [0.85 if t < self.num_layers[0] and 0 < l < last else 0.1 for t, (m, l) in enumerate(self.slots)]
-        return lean + [one] * len(self.slots)
+        return min(max(one, 0.0), 1.0)
 
     def decode(self, genome: Sequence[float], seed: int = 0) -> Recipe:
         if len(genome) != self.dimension:
             raise ValueError(f"genome has {len(genome)} coordinates; this space has {self.dimension}")
-        steps = self._published(genome) if self.layout == "published" else self._positions(genome)
-        return self.recipe(steps, seed)
+        return self.recipe(self.steps(genome), seed)
+
+    @abc.abstractmethod
+    def steps(self, genome: Sequence[float]) -> list[tuple[int, int, float]]:
+        """The path a genome stands for, as ``(model, layer, scale)`` steps."""
 
     def recipe(self, steps: list[tuple[int, int, float]], seed: int = 0) -> Recipe:
-        path = {"layers": [[m, l] for m, l, _ in steps], "scales": [s for _, _, s in steps]}
+        path = {"layers": [[m, k] for m, k, _ in steps], "scales": [s for _, _, s in steps]}
         if self.a:
             path["a"] = self.a
         return Recipe(method="passthrough", parents=self.parents, groups={}, dtype=self.dtype, seed=seed, path=path)
 
     def identity(self, model: int) -> Recipe:
         """One source model's own path (every layer once, unscaled): the parent rows of the final table."""
-        return self.recipe([(model, l, 1.0) for l in range(self.num_layers[model])])
+        return self.recipe([(model, k, 1.0) for k in range(self.num_layers[model])])
 
-    def _published(self, genome: Sequence[float]) -> list[tuple[int, int, float]]:
+    def signature(self) -> dict:
+        """A changed model A (its study found a better recipe) is a different study."""
+        return {**super().signature(), "a": self.a}
+
+    def describe(self) -> str:
+        return f"{self.kind} (passthrough)"
+
+    def references(self) -> list[tuple[str, Recipe]]:
+        """Base (if set), model A and each parent run as their own unscaled paths."""
+        from ..io import inspect_model
+
+        rows = []
+        if self.base:
+            layers = [[0, i] for i in range(inspect_model(self.base).num_layers)]
+            rows.append(("base", Recipe("passthrough", [self.base], {}, path={"layers": layers})))
+        labels = ([f"model A (best of {self.a_study})"] if self.a else []) + [
+            f"parent {Path(p).name}" for p in self.parents]
+        return rows + [(label, self.identity(m)) for m, label in enumerate(labels)]
+
+
+class PublishedLayout(DataflowSpace):
+    """The literature's DFS: ``T = M x repeats`` slots, an include/skip choice and a scale per slot."""
+
+    layout = "published"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.slots = [(m, k) for _ in range(self.repeats) for m, n in enumerate(self.num_layers) for k in range(n)]
+        slot_names = [f"slot{t}:{self.labels[m]}.{k}" for t, (m, k) in enumerate(self.slots)]
+        self._names = [f"{s}/include" for s in slot_names] + [f"{s}/scale" for s in slot_names]
+        self._categories = [2] * len(self.slots) + [0] * len(self.slots)
+
+    def x0(self) -> list[float]:
+        """The search starts around model A's own path, unscaled: scales at 1.0, A's inner layers of the first repeat
+        leaning to include (0.85) and every other slot to skip (0.1).  From the centre of the cube (half of all
+        slots included) nearly every path is far from any working model."""
+        last = self.num_layers[0] - 1
+        lean = [0.85 if t < self.num_layers[0] and 0 < k < last else 0.1 for t, (m, k) in enumerate(self.slots)]
+        return lean + [self._unscaled()] * len(self.slots)
+
+    def steps(self, genome: Sequence[float]) -> list[tuple[int, int, float]]:
         t = len(self.slots)
-        inner = [(m, l, self.scale.at(genome[t + i])) for i, (m, l) in enumerate(self.slots) if category(genome[i], 2)]
+        inner = [(m, k, self.scale.at(genome[t + i])) for i, (m, k) in enumerate(self.slots) if category(genome[i], 2)]
         return [(0, 0, 1.0), *inner, (0, self.num_layers[0] - 1, 1.0)]
 
-    def _positions(self, genome: Sequence[float]) -> list[tuple[int, int, float]]:
+
+class PositionsLayout(DataflowSpace):
+    """SMM-Bench's shape: per depth one choice among A's layer, B's layer or skip, and a scale per entry point."""
+
+    layout = "positions"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if len(self.num_layers) != 2 or self.num_layers[0] != self.num_layers[1]:
+            raise ValueError("layout 'positions' needs exactly two source models with the same number of layers")
+        depth = self.num_layers[0]
+        self.scale_keys = [(m, k) for k in range(depth) for m in (0, 1) if (m, k) != (0, 0)]
+        self._names = ([f"depth{k}/choice" for k in range(depth)]
+                       + [f"depth{k}/scale/{self.labels[m]}" for m, k in self.scale_keys])
+        self._categories = [3] * depth + [0] * len(self.scale_keys)
+
+    def x0(self) -> list[float]:
+        """Choices at the centre, scales at 1.0 (model A's own path, unscaled, is one step away)."""
+        return [0.5 if n else self._unscaled() for n in self._categories]
+
+    def steps(self, genome: Sequence[float]) -> list[tuple[int, int, float]]:
         depth = self.num_layers[0]
         scales = {key: self.scale.at(x) for key, x in zip(self.scale_keys, genome[depth:])}
         scales[(0, 0)] = 1.0

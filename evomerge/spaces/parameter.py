@@ -10,32 +10,49 @@ does not search take the preset's fixed values, so a 2-parent, 32-layer, weight-
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..merge.methods import get_method
+from ..config import Range
+from ..methodspec import get_spec
 from ..recipe import Recipe
-from .base import SearchSpace
+from .base import Resident, SearchSpace
 
+if TYPE_CHECKING:
+    import torch
 
-@dataclass(frozen=True)
-class Range:
-    low: float
-    high: float
-
-    def at(self, x: float) -> float:
-        return self.low + min(max(x, 0.0), 1.0) * (self.high - self.low)
+    from ..config import StudyConfig
 
 
 class ParameterSpace(SearchSpace):
     kind = "ps"
+    kinds = ("ps",)
+
+    @classmethod
+    def load(cls, cfg: StudyConfig, device: torch.device) -> Resident:
+        """The parents resident in the memory mode the study's plan picked; candidates are merged into one model in
+        place, with the merged vocabulary's tokenizer when `merge.tokenizer_source` builds one."""
+        from ..merge import Materializer
+        from ..merge.plan import study_plan
+
+        plan = study_plan(cfg, device)
+        m = Materializer(cfg.models.base, cfg.models.parents, device, cfg.merge.dtype,
+                         mode=plan.mode if plan else "resident", tokenizer_source=cfg.merge.tokenizer_source)
+        return Resident(m, m.model, m.vocab.tokenizer if m.vocab else None, m.materialize)
+
+    @classmethod
+    def write_model(cls, recipe: Recipe, out_dir: Path, device: torch.device, max_shard_bytes: int) -> Path:
+        from ..merge import write_model
+
+        return write_model(recipe, out_dir, device, max_shard_bytes=max_shard_bytes)
 
     def __init__(self, *, method: str, parents: list[str], base: str | None, num_layers: int,
                  ranges: dict[str, Range], fixed: dict[str, float], searched_groups: Sequence[str] = ("embed", "layers", "head"),
                  layer_granularity: int = 1, filters: Sequence[str] = (), x0: dict[str, float] | None = None,
                  options: dict | None = None, dtype: str = "float32", tokenizer_source: str | None = None):
-        self.method = get_method(method)
+        self.method = get_spec(method)
         self.parents = list(parents)
         self.base = base
         self.num_layers = num_layers
@@ -118,3 +135,29 @@ class ParameterSpace(SearchSpace):
         groups = {m: {p: [v] * n for p, v in values.items()} for ms in self._blocks.values() for m in ms}
         return Recipe(method=self.method.name, parents=self.parents, base=self.base, groups=groups,
                       options=self.options, dtype=self.dtype, seed=seed, tokenizer_source=self.tokenizer_source)
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    def describe(self) -> str:
+        grain = f"groups by {'/'.join(self.filters)} and the rest" if self.filters else "layer groups"
+        return f"{self.kind} ({self.method.name}, {grain})"
+
+    def references(self) -> list[tuple[str, Recipe]]:
+        """The base (a zero-weight task arithmetic, if a base is set) and each parent alone (a one-hot linear)."""
+        n = len(self.parents)
+        groups = [m for ms in self._blocks.values() for m in ms]
+
+        def uniform(method: str, weights: list[float]) -> Recipe:
+            return Recipe(method, self.parents, {g: {"weight": list(weights)} for g in groups}, self.base)
+
+        rows = [("base", uniform("task_arithmetic", [0.0] * n))] if self.base else []
+        return rows + [(f"parent {Path(p).name}", uniform("linear", [float(j == i) for j in range(n)]))
+                       for i, p in enumerate(self.parents)]
+
+    def uniform_grid(self, weights: Sequence[float], densities: Sequence[float], seed: int = 0) -> list[Recipe]:
+        """The study's method with one weight (and density, where it has one) everywhere, over the baseline grid."""
+        has_density = "density" in self.method.tensor_params
+        return [self.uniform(w, d, seed=seed)
+                for w, d in itertools.product(weights, densities if has_density else [None])]
