@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 METHODS = (("task_arithmetic", False), ("ties", True), ("dare_ties", True), ("della", True))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16")}
 
 
 def build(root: Path, params: float, parents: int, dtype: str) -> tuple[str, list[str]]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .merge.materialize import DTYPES, Materializer
+from .merge.materialize import TORCH_DTYPES, Materializer
 from .recipe import LayerPath, PathError, Recipe, Step
 
 # pre-norm decoders whose layers write to the residual stream only through these two projections
@@ -136,7 +136,7 @@ class Dataflow:
         key = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
         if key not in self._resident:
             if isinstance(spec, str):
-                model = AutoModelForCausalLM.from_pretrained(spec, dtype=DTYPES[self.dtype], trust_remote_code=False)
+                model = AutoModelForCausalLM.from_pretrained(spec, dtype=TORCH_DTYPES[self.dtype], trust_remote_code=False)
             else:
                 model = merged_model(Recipe.from_dict(spec), self.device)
             self._resident[key] = model.to(self.device).eval()

@@ -10,13 +10,13 @@ Export runs the same function over mapped parents, so an exported recipe is exac
 from __future__ import annotations
 
 import ctypes
-import functools
 import ctypes.util
+import functools
 import json
 import math
 import os
-import sys
 import shutil
+import sys
 import time
 import types
 import warnings
@@ -30,15 +30,32 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .. import __version__
 from ..errors import EvomergeError
-from ..io import (check_compatible, group_order, inspect_model, model_license, model_name, recipe_groups,
-                  stored_size, tensor_group, write_sharded)
-from ..recipe import Recipe
+from ..io import (
+    check_compatible,
+    group_order,
+    inspect_model,
+    model_license,
+    model_name,
+    recipe_groups,
+    stored_size,
+    tensor_group,
+    write_sharded,
+)
+from ..recipe import DTYPES, Recipe
 from ..vocab import check_vocab_compatible, plan_vocab
-from .methods import (InvalidRecipe, MergeMethod, apply, keep_from_keys, random_bits, row_rank_fractions,
-                      tensor_seeds, validate)
+from .methods import (
+    InvalidRecipe,
+    MergeMethod,
+    apply,
+    keep_from_keys,
+    random_bits,
+    row_rank_fractions,
+    tensor_seeds,
+    validate,
+)
 from .parents import MagnitudeIndex, ParentStore, Selection, chunk_size, count_equal_rows, row_chunks
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 COMPILE_MIN_PARAMS = 50_000_000
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 
@@ -251,7 +268,7 @@ class Materializer(Merger):
         super().__init__(base, parents, device, mode, compile, tokenizer_source)
         self.dtype = dtype or stored_size(base or self.parent_paths[0])[2]
         self.model = AutoModelForCausalLM.from_pretrained(
-            base or self.parent_paths[0], dtype=DTYPES[self.dtype], trust_remote_code=False
+            base or self.parent_paths[0], dtype=TORCH_DTYPES[self.dtype], trust_remote_code=False
         ).to(self.device).eval()
         if self.vocab and self.model.get_input_embeddings().weight.shape[0] != self.vocab.size:
             self.model.resize_token_embeddings(self.vocab.size, mean_resizing=False)
@@ -285,7 +302,7 @@ def write_model(recipe: Recipe, out_dir: str | Path, device: torch.device | str 
                     tokenizer_source=recipe.tokenizer_source)
     shapes = merger.shapes
     method = check_recipe(recipe, merger.groups)
-    out_dtype = DTYPES[recipe.dtype]
+    out_dtype = TORCH_DTYPES[recipe.dtype]
     device = torch.device(device)
 
     def produce(name: str) -> Tensor:

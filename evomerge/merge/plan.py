@@ -24,12 +24,12 @@ import torch
 
 from ..errors import EvomergeError
 from ..io import inspect_model, stored_size
+from ..recipe import DTYPE_BYTES
 from .parents import INDEX_ENTRY_BYTES, SAMPLE_FRACTION, chunk_size
 
 if TYPE_CHECKING:
     from ..config import StudyConfig
 
-_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 WORKSPACE_TEMPS = 8  # fp32 [N+1, chunk] temporaries alive at once in the eager kernel, measured upper bound
 FORWARD_TOKENS = 1024  # sequence length assumed for the forward-pass estimate
 
@@ -89,14 +89,14 @@ def plan_memory(base: str | None, parents: list[str], device: torch.device, *, m
     info = inspect_model(models[0])
     largest = max(math.prod(s) for s in info.shapes.values())
     n = len(models)
-    candidate = params * _SIZES[candidate_dtype or stored_dtype]
+    candidate = params * DTYPE_BYTES[candidate_dtype or stored_dtype]
     aux = INDEX_ENTRY_BYTES * params * len(parents) // SAMPLE_FRACTION if method_selects else 0
     workspace = WORKSPACE_TEMPS * 4 * n * min(largest, chunk_size(device))
     cfg = info.config
     hidden = int(cfg.get("hidden_size") or 0)
     vocab = int(cfg.get("vocab_size") or 0)
     tokens = batch_size * min(int(cfg.get("max_position_embeddings") or FORWARD_TOKENS), FORWARD_TOKENS)
-    forward = tokens * (4 * vocab + 16 * hidden * _SIZES[candidate_dtype or stored_dtype])
+    forward = tokens * (4 * vocab + 16 * hidden * DTYPE_BYTES[candidate_dtype or stored_dtype])
     budget = device_budget(device) if budget_bytes is None else budget_bytes
     common = dict(device=str(device), params=params, parents_bytes=sum(s[1] for s in sizes), candidate_bytes=candidate,
                   aux_bytes=aux, workspace_bytes=workspace, forward_bytes=forward, budget_bytes=budget)

@@ -15,9 +15,8 @@ import random
 import re
 
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
-
 from build_zoo import FITNESS, HERE, SEED, train
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 ADDED = ["<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
