@@ -107,6 +107,24 @@ def test_dare_is_reproducible_for_a_seed_and_differs_across_seeds():
     assert not torch.equal(a, dare_ties(*args, bits=random_bits(tensor_seeds(8, "x", 2), 4000)))
 
 
+def lowbias32(x):
+    """The hash written out on Python ints (unsigned 32-bit), the reference for the int32-lane kernel."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    return (x ^ (x >> 16)) >> 1
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_random_bits_are_an_unsigned_32_bit_hash_even_where_int32_lanes_wrap(compiled):
+    seeds, start, m = torch.tensor([0x7FFFFFFE, 12345]), 2**31 - 300, 299  # index + seed wraps past 2**32
+    fn = torch.compile(random_bits, dynamic=True) if compiled else random_bits
+    got = fn(seeds, m, torch.tensor(start))
+    assert got.tolist() == [[lowbias32(i + s) for i in range(start, start + m)] for s in seeds.tolist()]
+
+
 def test_della_keeps_large_entries_more_often_and_keeps_the_expectation():
     m = 200_000
     deltas = torch.linspace(0.1, 0.3, m)[None, :]

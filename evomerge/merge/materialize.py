@@ -95,7 +95,7 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
 
 
 def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
-          keys: tuple[Tensor, Tensor] | None, seeds: Tensor | None, start: int, shape: tuple[int, ...],
+          keys: tuple[Tensor, Tensor] | None, seeds: Tensor | None, start: int | Tensor, shape: tuple[int, ...],
           options: dict[str, Any], marks: tuple[Tensor, Tensor, Tensor] | None = None, groups: Tensor | None = None,
           index: Tensor | None = None) -> Tensor | None:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
@@ -111,7 +111,7 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
     counts = None
     if keys is not None:
         if index is None:  # int32 where positions fit: twice the lanes of int64
-            index = torch.arange(start, start + length, dtype=keys[1].dtype, device=xs[0].device)
+            index = torch.arange(length, dtype=keys[1].dtype, device=xs[0].device) + start
         magnitudes = [x.abs() for x in xs]
         aux["keep"] = keep_from_keys(magnitudes, index, *keys)
         if marks is not None:
@@ -216,7 +216,7 @@ class Merger:
                     marks = (selection.lo, selection.hi, self._mask_buffer(e - s))
                 if selection and selection.ties:
                     groups = selection.groups
-                args = (out[s:e], method, b, ps, p, keys, seeds, s, shape, options, marks, groups)
+                args = (out[s:e], method, b, ps, p, keys, seeds, torch.tensor(s), shape, options, marks, groups)
                 counts = self._run(method, args)
                 if counts is not None and selection.advance(s, counts.cpu(), b, ps,
                                                             shape[-1] if len(shape) > 1 else e - s, self._count_rows):

@@ -33,6 +33,7 @@ from ..methodspec import SPECS, MethodSpec, check_recipe, get_spec
 from ..methodspec import InvalidRecipe as InvalidRecipe  # re-exported: the engine and tests import it from here
 
 Parents = list[Tensor] | Tensor  # one flattened [M] tensor per parent
+_MASK32 = 0xFFFFFFFF
 
 
 def _add(parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
@@ -82,15 +83,18 @@ def tensor_seeds(seed: int, name: str, n: int, device: torch.device | str = "cpu
                         device=device)
 
 
-def random_bits(seeds: Tensor, m: int, start: int = 0) -> Tensor:
+def random_bits(seeds: Tensor, m: int, start: int | Tensor = 0) -> Tensor:
     """31 uniform random bits per entry of entries [start, start + m), int32 [N, m]: a hash of (seed, index).
 
     Counter-based, so any chunk of a tensor is computed alone, inside the merge kernel, and is the same bits whatever
     the chunking.  A 32-bit hash (lowbias32) in int32 lanes, twice as many per vector as int64 and with a native
     multiply: sums and products wrap modulo 2**32 (two's complement, as on every backend torch has), and the
-    unsigned right shifts are arithmetic shifts masked to the bits an unsigned shift keeps.
+    unsigned right shifts are arithmetic shifts masked to the bits an unsigned shift keeps.  `start` may be a 0-d
+    tensor (the compiled kernel's: one graph for every chunk, where an int 0 would get a graph of its own).
     """
-    h = torch.arange(start, start + m, dtype=torch.int32, device=seeds.device)[None, :] + seeds.to(torch.int32)[:, None]
+    offset = (seeds + start) & _MASK32
+    offset = torch.where(offset >= 2**31, offset - 2**32, offset).to(torch.int32)  # the same 32 bits, as int32
+    h = torch.arange(m, dtype=torch.int32, device=seeds.device)[None, :] + offset[:, None]
     h ^= (h >> 16) & 0xFFFF  # in place: the eager (export) path keeps one [N, M] buffer alive, not six
     h *= 0x7FEB352D
     h ^= (h >> 15) & 0x1FFFF
