@@ -3,10 +3,14 @@ selections are exactly a full sort's (mergekit's top-k count and tie order), on 
 whose tensors span several chunks and whose task vectors are full of ties (bf16 differences)."""
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from evomerge.io import load_state_dict, tensor_group, write_sharded
 from evomerge.merge import Materializer, write_model
@@ -114,3 +118,34 @@ def test_candidate_dtype_is_the_parents_unless_asked(bf16_zoo):
     base, parents = bf16_zoo
     assert Materializer(base, parents, mode="streaming").model.dtype == torch.bfloat16
     assert Materializer(base, parents, dtype="float32", mode="streaming").model.dtype == torch.float32
+
+
+_FALLBACK = """
+import sys, warnings
+from safetensors.torch import save_file
+from evomerge.merge import Materializer
+from evomerge.recipe import Recipe
+base, up, rot, out = sys.argv[1:]
+mat = Materializer(base, [up, rot], compile=True)
+groups = {g: {"weight": [0.6, 0.8], "density": [0.4, 0.7]} for g in mat.groups}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = mat.materialize(Recipe("ties", [up, rot], groups, base, dtype=mat.dtype))
+print([str(w.message) for w in caught if "torch.compile failed" in str(w.message)])
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
+"""
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_a_warning(tiny, tmp_path):
+    """No C++ compiler that works (CXX=/bin/false): the first call warns once and the candidate is the eager one."""
+    base, up, rot = (str(tiny / m) for m in ("base", "up", "rot"))
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    r = subprocess.run([sys.executable, "-c", _FALLBACK, base, up, rot, str(tmp_path / "c.safetensors")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "torch.compile failed for ties" in r.stdout.splitlines()[-1]
+    mat = Materializer(base, [up, rot], compile=False)
+    groups = {g: {"weight": [0.6, 0.8], "density": [0.4, 0.7]} for g in mat.groups}
+    eager = mat.materialize(Recipe("ties", [up, rot], groups, base, dtype=mat.dtype)).state_dict()
+    for k, v in load_file(tmp_path / "c.safetensors").items():
+        assert torch.equal(eager[k], v), k
