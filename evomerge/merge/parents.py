@@ -3,8 +3,7 @@
 A merge works on one tensor at a time, in chunks of whole rows (`chunk_size` elements: 2^18 on CPU, where eager
 temporaries of 2^20 cost about 1 byte/param of a 100M model at the peak, 2^20 where the kernel is compiled and has
 none; 2^22 on CUDA, where launches cost more than memory), so what it allocates besides the candidate is a few chunks
-× (N + 1), whatever the model's size.  Where the parents live is the only
-difference between the two modes:
+× (N + 1), whatever the model's size.  Where the parents live is the only difference between the two modes:
 
 * ``resident`` — each tensor copied once to the device in the dtype its file holds (bf16 stays bf16);
 * ``streaming`` — the safetensors files memory-mapped (file pages: every worker on a node shares the page cache, and
@@ -34,13 +33,13 @@ from ..io import ModelFilesError, ModelInfo, load_bin, weight_files
 from ..vocab import VocabPlan, align_rows
 
 CPU_CHUNK, COMPILED_CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 20, 1 << 22
+SAMPLE_FRACTION = 512  # the magnitude index: one entry per 512 entries of a parent,
+INDEX_ENTRY_BYTES = 12  # an fp32 bound and two int32 counts (0.023 byte/param)
+_ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def chunk_size(device: torch.device, compiled: bool = False) -> int:
     return CUDA_CHUNK if device.type == "cuda" else COMPILED_CPU_CHUNK if compiled else CPU_CHUNK
-SAMPLE_FRACTION = 512  # one index entry per 512 entries of a parent:
-INDEX_ENTRY_BYTES = 12  # an fp32 bound and two int32 counts, 0.023 byte/param
-_ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class MappedModel:
@@ -129,7 +128,6 @@ class ParentStore:
         for s, e in ranges:
             parts = [v[s:e] for v in views]
             yield (s, e, parts[0], parts[1:]) if self.has_base else (s, e, None, parts)
-
 
     def gather(self, name: str, positions: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """The entries at `positions` of the base and each parent, on the device, in the stored dtype."""
