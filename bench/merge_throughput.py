@@ -1,6 +1,10 @@
 """Candidate materialization: memory and throughput on a synthetic model, in both worker modes, in one run.
 
     python bench/merge_throughput.py [--params 120e6] [--parents 3] [--dtype bfloat16] [--modes resident,streaming]
+    python bench/merge_throughput.py --device cuda --shape mistral-7b --root /dev/shm --methods task_arithmetic,ties,dare_ties
+
+The second form is the device check: a Mistral-7B-shaped model (7.24B params) built on the device in seconds, and
+per line also the device's bytes/param (allocated after the first candidate, and its peak).
 
 Builds a Llama-shaped model of random weights in `--dtype` in a temp dir (no downloads): base + parents, each parent
 the base plus small noise.  Then, for each mode, in a fresh process (so each has its own baseline), it loads the
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -35,18 +40,25 @@ METHODS = (("task_arithmetic", False), ("ties", True), ("dare_ties", True), ("de
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16")}
 
 
-def build(root: Path, params: float, parents: int, dtype: str) -> tuple[str, list[str]]:
+def llama_config(shape: str, params: float, dtype: str) -> dict:
+    """`llama`: hidden 1024, as many layers as make `params`; `mistral-7b`: Mistral-7B's shapes (7.24B params)."""
+    if shape == "mistral-7b":
+        hidden, inter, vocab, layers, heads, kv = 4096, 14336, 32000, 32, 32, 8
+    else:
+        hidden, inter, vocab, heads, kv = 1024, 2816, 32000, 16, 16
+        layers = max(1, round((params - 2 * vocab * hidden) / (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden)))
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False, "dtype": dtype}
+
+
+def build(root: Path, config: dict, parents: int, device: str) -> tuple[str, list[str]]:
+    """Base + parents (each the base plus small noise), one tensor at a time, drawn on `device` (a GPU draws 7B
+    parameters in seconds) and saved in the config's dtype."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, inter, vocab = 1024, 2816, 32000
-    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
-    layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
-              "num_key_value_heads": 16, "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": False, "dtype": dtype}
-    torch.manual_seed(0)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(LlamaConfig(**config)).state_dict().items()}
     paths = []
@@ -56,11 +68,11 @@ def build(root: Path, params: float, parents: int, dtype: str) -> tuple[str, lis
         (d / "config.json").write_text(json.dumps(config))
         sd = {}
         for k, s in shapes.items():  # one tensor in fp32 at a time: the builder must not need the model in fp32
-            torch.manual_seed(hash(k) % 2**31)
-            t = torch.randn(s) * 0.02
+            seed = zlib.crc32(k.encode())
+            t = torch.randn(s, device=device, generator=torch.Generator(device).manual_seed(seed)) * 0.02
             if i:
-                t += torch.randn(s, generator=torch.Generator().manual_seed(i * 7919 + hash(k) % 9973)) * 0.002
-            sd[k] = t.to(DTYPES[dtype])
+                t += torch.randn(s, device=device, generator=torch.Generator(device).manual_seed(seed + i)) * 0.002
+            sd[k] = t.to(DTYPES[config["dtype"]]).cpu()
         save_file(sd, d / "model.safetensors")
         del sd
         paths.append(str(d))
@@ -77,10 +89,17 @@ def child(args: argparse.Namespace) -> None:
     if not args.eager:  # the compiler's own code and caches are the process's, not the model's: load them first
         torch.compile(lambda x: x * 2, dynamic=True)(torch.ones(8))
     parents = args.parent_paths.split(",")
+    cuda = args.device.startswith("cuda")
+    methods = [(m, d) for m, d in METHODS if m in args.methods.split(",")]
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     baseline = rss_anon()
     with AnonPeak() as peak:
         t0 = time.perf_counter()
-        mat = Materializer(args.base, parents, compile=False if args.eager else None, mode=args.mode)
+        mat = Materializer(args.base, parents, args.device, compile=False if args.eager else None, mode=args.mode)
         load_s = time.perf_counter() - t0
         n_params = sum(t.numel() for t in mat.store.models[0].values())
         n = len(parents)
@@ -100,13 +119,16 @@ def child(args: argparse.Namespace) -> None:
         print(f"mode {args.mode}: {n_params / 1e6:.0f}M params {mat.dtype}, {n} parents + base; threads "
               f"{torch.get_num_threads()}; compile {mat.compile}; load {load_s:.1f} s", flush=True)
         runs: dict[str, Callable[[], object]] = {}
-        for method, density in METHODS:
+        for method, density in methods:
             t0 = time.perf_counter()
             mat.materialize(recipe(method, density))
+            sync()
             first = time.perf_counter() - t0
             resident = (rss_anon() - baseline) / n_params
+            device = (f" device_bytes_per_param={torch.cuda.memory_allocated() / n_params:.2f}"
+                      f" device_peak_bytes_per_param={torch.cuda.max_memory_allocated() / n_params:.2f}" if cuda else "")
             print(f"mode={args.mode} method={method} resident_bytes_per_param={resident:.2f} "
-                  f"peak_bytes_per_param={(peak.peak - baseline) / n_params:.2f}  (first call {first:.1f} s)",
+                  f"peak_bytes_per_param={(peak.peak - baseline) / n_params:.2f}{device}  (first call {first:.1f} s)",
                   flush=True)
             runs[method] = lambda m=method, d=density: mat.materialize(recipe(m, d))
     sources = list(mat.store.models[0].values())
@@ -120,34 +142,42 @@ def child(args: argparse.Namespace) -> None:
     best = {k: float("inf") for k in runs}
     for _ in range(args.repeats):  # round-robin, so a burst of load on a shared machine hits every entry alike
         for k, fn in runs.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             best[k] = min(best[k], time.perf_counter() - t0)
     model_bytes = n_params * sources[0].element_size()
-    print(json.dumps({"best": best, "model_bytes": model_bytes, "n": n}))
+    print(json.dumps({"best": best, "model_bytes": model_bytes, "n": n, "methods": [m for m, _ in methods]}))
 
 
-def report(mode: str, best: dict[str, float], model_bytes: int, n: int) -> None:
+def report(mode: str, best: dict[str, float], model_bytes: int, n: int, methods: list[str]) -> None:
+    """Streaming on CUDA: the copy reads the mapped file, so its bandwidth is the host-to-device bound."""
     copy_s = best["copy"]
     copy_bw = 2 * model_bytes / copy_s
     print(f"mode={mode} {'copy':<16} {copy_s:7.3f} s  {copy_bw / 1e9:6.1f} GB/s")
-    for method, _ in METHODS:
+    for method in methods:
         s = best[method]
         bw = (n + 2) * model_bytes / s
         print(f"mode={mode} {method:<16} {s:7.3f} s  {bw / 1e9:6.1f} GB/s = {bw / copy_bw:4.2f}x copy bandwidth  "
               f"({s / best['task_arithmetic']:4.2f}x task_arithmetic time)")
     ta = best["task_arithmetic"]
     ta_ratio = ((n + 2) * model_bytes / ta) / copy_bw
-    worst = max(best[m] for m, _ in METHODS[1:]) / ta
+    others = [m for m in methods if m != "task_arithmetic"]
+    worst = max((best[m] for m in others), default=ta) / ta
     print(f"mode={mode} acceptance: task_arithmetic {ta_ratio:.2f}x copy bandwidth (>= 0.5: "
           f"{'PASS' if ta_ratio >= 0.5 else 'FAIL'}); " + ", ".join(
-              f"{m} {best[m] / ta:.2f}x" for m, _ in METHODS[1:]) + f" task_arithmetic time (<= 2: "
+              f"{m} {best[m] / ta:.2f}x" for m in others) + f" task_arithmetic time (<= 2: "
           f"{'PASS' if worst <= 2 else 'FAIL'})\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=120e6)
+    ap.add_argument("--shape", choices=["llama", "mistral-7b"], default="llama")
+    ap.add_argument("--device", default="cpu", help="where the worker merges (cpu, cuda)")
+    ap.add_argument("--root", help="where to build the models (default: a temp dir; /dev/shm for 7B on a GPU box)")
+    ap.add_argument("--methods", default=",".join(m for m, _ in METHODS), help="task_arithmetic and any of the others")
     ap.add_argument("--parents", type=int, default=3)
     ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     ap.add_argument("--modes", default="resident,streaming")
@@ -160,18 +190,22 @@ def main() -> None:
     if args.mode:
         child(args)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    if "task_arithmetic" not in args.methods.split(","):
+        ap.error("--methods must include task_arithmetic (the other times are ratios to it)")
+    with tempfile.TemporaryDirectory(dir=args.root) as tmp:
         t0 = time.perf_counter()
-        base, parents = build(Path(tmp), args.params, args.parents, args.dtype)
+        config = llama_config(args.shape, args.params, args.dtype)
+        base, parents = build(Path(tmp), config, args.parents, args.device)
         print(f"built base + {len(parents)} parents ({args.dtype}) in {time.perf_counter() - t0:.0f} s", flush=True)
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--mode", mode, "--base", base, "--parent-paths", ",".join(parents),
-                   "--repeats", str(args.repeats)] + (["--eager"] if args.eager else [])
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+                   "--repeats", str(args.repeats), "--device", args.device, "--methods", args.methods]
+            proc = subprocess.run(cmd + (["--eager"] if args.eager else []), stdout=subprocess.PIPE, text=True,
+                                  check=True)
             lines = proc.stdout.strip().splitlines()
             print("\n".join(lines[:-1]), flush=True)
             result = json.loads(lines[-1])
-            report(mode, result["best"], result["model_bytes"], result["n"])
+            report(mode, result["best"], result["model_bytes"], result["n"], result["methods"])
 
 
 if __name__ == "__main__":
