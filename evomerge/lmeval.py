@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,19 +236,18 @@ def _resident_lm_class() -> type:
         def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> tuple:
             return tuple(x.clone() for x in self._batch_encode(tuple(strings), *args, **kwargs))
 
-        def _model_call(self, *args: Any, **kwargs: Any):
+        def _timed(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                return super()._model_call(*args, **kwargs)
+                return call(*args, **kwargs)
             finally:
                 self.forward_s += time.perf_counter() - t0
 
+        def _model_call(self, *args: Any, **kwargs: Any):
+            return self._timed(super()._model_call, *args, **kwargs)
+
         def _model_generate(self, *args: Any, **kwargs: Any):
-            t0 = time.perf_counter()
-            try:
-                return super()._model_generate(*args, **kwargs)
-            finally:
-                self.forward_s += time.perf_counter() - t0
+            return self._timed(super()._model_generate, *args, **kwargs)
 
     return ResidentLM
 

@@ -161,14 +161,14 @@ class Merger:
         self.shapes = dict(infos[0].shapes)
         self.groups = sorted({tensor_group(n) for n in self.shapes}, key=group_order)
         self.mode = mode
-        self.store = ParentStore(base, self.parent_paths, self.device, mode)
+        n_params = sum(math.prod(s) for s in self.shapes.values())
+        self.compile = compiler_available() and n_params >= COMPILE_MIN_PARAMS if compile is None else compile
+        # compiled kernels have no temporaries: larger chunks, fewer calls
+        self.store = ParentStore(base, self.parent_paths, self.device, mode, chunk_size(self.device, self.compile))
         if self.vocab:  # rows permuted into the output vocabulary before any task vector is formed
             self.shapes.update(self.store.align_vocab(self.vocab, infos[0]))
             self.config["vocab_size"] = self.vocab.size
         self.index: MagnitudeIndex | None = None
-        n_params = sum(math.prod(s) for s in self.shapes.values())
-        self.compile = compiler_available() and n_params >= COMPILE_MIN_PARAMS if compile is None else compile
-        self.store.chunk = chunk_size(self.device, self.compile)  # compiled: no temporaries, fewer calls
         self._kernels: dict[str, Callable[..., None]] = {}
         self._count_rows = torch.compile(count_equal_rows, dynamic=True) if self.compile else count_equal_rows
         self._mask: Tensor | None = None

@@ -99,9 +99,10 @@ def row_chunks(shape: tuple[int, ...], chunk: int, whole: bool = False) -> list[
 class ParentStore:
     """Base and parents of one merge, by tensor name, in chunks on `device`; `mode` is ``resident`` or ``streaming``."""
 
-    def __init__(self, base: str | None, parents: list[str], device: torch.device, mode: str = "resident"):
+    def __init__(self, base: str | None, parents: list[str], device: torch.device, mode: str = "resident",
+                 chunk: int | None = None):
         self.device, self.mode = device, mode
-        self.chunk = chunk_size(device)
+        self.chunk = chunk or chunk_size(device)
         self.has_base = base is not None
         self.paths = paths = ([base] if base else []) + list(parents)
         maps = [MappedModel(p) for p in paths]
