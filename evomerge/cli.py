@@ -173,8 +173,8 @@ def _run(study, total: int, study_file: Path) -> None:
     if done:
         out.print(f"resuming study {cfg.study}: {done} of {total} trials done")
     with trial_bar(total, done) as update:
-        st = study.run(total, on_trial=lambda p: update(p.done, p.best))
-        done = sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
+        study.run(total, on_trial=lambda p: update(p.done, p.best))
+        done = study.store.finished()
         best = study.store.best()
         update(min(done, total), best.value if best else None)
     print_table(study.final_table())

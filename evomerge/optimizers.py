@@ -182,7 +182,7 @@ class OptunaSampler(Optimizer):
 
     def __getstate__(self) -> dict:
         """Pickled without its sampler, which `ask` rebuilds from (seed, generation) anyway (Optuna 5's NSGA-II
-        sampler holds a thread lock, which does not pickle), and with the asked trials by id (each holds the study)."""
+        sampler holds a thread lock, which does not pickle)."""
         import copy
 
         import optuna
@@ -190,14 +190,7 @@ class OptunaSampler(Optimizer):
         state = dict(self.__dict__)
         state["study"] = copy.copy(self.study)
         state["study"].sampler = optuna.samplers.RandomSampler(seed=self.seed)
-        state["_asked"] = [t._trial_id for t in self._asked]
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        from optuna.trial import Trial
-
-        self.__dict__.update(state)
-        self._asked = [Trial(self.study, t) if isinstance(t, int) else t for t in state["_asked"]]
 
     def _distributions(self) -> dict:
         from optuna.distributions import FloatDistribution
@@ -207,8 +200,9 @@ class OptunaSampler(Optimizer):
     def ask(self, generation: int) -> list[list[float]]:
         self.study.sampler = self._sampler((self.seed * 1_000_003 + generation) % 2**31)
         dists = self._distributions()
-        self._asked = [self.study.ask(dists) for _ in range(self.popsize)]
-        return [[float(t.params[f"x{i}"]) for i in range(self.dimension)] for t in self._asked]
+        trials = [self.study.ask(dists) for _ in range(self.popsize)]
+        self._asked = [t.number for t in trials]  # numbers, not Trial objects: each of those holds the study
+        return [[float(t.params[f"x{i}"]) for i in range(self.dimension)] for t in trials]
 
     def tell(self, genomes: list[list[float]], losses: list) -> None:
         if len(genomes) != len(self._asked):

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from .io import group_order  # noqa: E402
-from .store import StudyStore, TrialRecord  # noqa: E402
+from .store import StudyStore, TrialRecord, ranked  # noqa: E402
 
 DPI = 100
 
@@ -130,7 +130,7 @@ def write_report(store: StudyStore, out_dir: str | Path, storage: str = "", top:
     out.mkdir(parents=True, exist_ok=True)
     s = store.summary()
     trials = sorted(store.records(), key=lambda t: t.number)
-    ranked = store.ranked()[:top]
+    top_trials = ranked(trials)[:top]
     lines = [f"# Study `{s['study']}`", ""]
     if storage:
         lines += [f"Storage: `{storage}`", ""]
@@ -142,15 +142,15 @@ def write_report(store: StudyStore, out_dir: str | Path, storage: str = "", top:
     lines.append("")
     if trials:
         lines += ["## Scores over trials", "", f"![scores]({plot_scores(trials, out / 'scores.png').name})", ""]
-    if ranked:
-        tasks = sorted({k for t in ranked for k in (t.scores or {})})
+    if top_trials:
+        tasks = sorted({k for t in top_trials for k in (t.scores or {})})
         lines += ["## Top trials", "", "| trial | generation | fitness | " + " | ".join(tasks) + " |",
                   "|---|---|---|" + "---|" * len(tasks)]
-        for t in ranked:
+        for t in top_trials:
             per = t.scores or {}
             lines.append(f"| {t.number} | {'-' if t.generation is None else t.generation} | {_f(t.value)} | "
                          + " | ".join(_f(per.get(k)) for k in tasks) + " |")
-        lines += ["", f"![per-task scores]({plot_tasks(ranked, out / 'tasks.png').name})", ""]
+        lines += ["", f"![per-task scores]({plot_tasks(top_trials, out / 'tasks.png').name})", ""]
     recipe = (s["best"] or {}).get("recipe")
     if recipe and recipe.get("groups"):
         lines += ["## Winning recipe", "", f"Method `{recipe['method']}`, parents "

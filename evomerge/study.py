@@ -25,7 +25,7 @@ from .optimizers import MULTI_OBJECTIVE, Optimizer, create_optimizer
 from .recipe import Recipe
 from .spaces import build_space, setup_signature
 from .storage_url import check_storage_url
-from .store import ATTR, StorageError, StudyBusy, StudyMismatch, StudyStore, TrialRecord
+from .store import ATTR, StorageError, StudyBusy, StudyMismatch, StudyStore, TrialRecord, ranked
 
 __all__ = ["ATTR", "MAX_CMA_DIMENSION", "Progress", "StorageError", "Study", "StudyBusy", "StudyMismatch",
            "build_space", "losses"]
@@ -177,7 +177,7 @@ class Study:
                 if finished >= budget and not held:
                     return st
                 running = sum(t.state == TrialState.RUNNING for t in trials)
-                incumbent = self.incumbent_scores() if waiting else None  # unchanged until a result is recorded
+                incumbent = self.incumbent_scores(trials) if waiting else None  # unchanged until a result is recorded
                 for t in waiting:
                     if self.executor.free_slots() <= 0 or finished + running >= budget:
                         break
@@ -240,12 +240,12 @@ class Study:
         self.store.record(trial_id, number, values, score=score, error=error, timings=result.timings,
                           worker=result.worker, attempts=result.attempts)
 
-    def incumbent_scores(self) -> dict[str, list[float]] | None:
-        """The per-example search scores of the best full-fidelity trial so far, which racing pairs candidates
-        against (None without racing or before the first)."""
+    def incumbent_scores(self, trials: list[TrialRecord]) -> dict[str, list[float]] | None:
+        """The per-example search scores of the best full-fidelity trial among `trials`, which racing pairs
+        candidates against (None without racing or before the first)."""
         if self.cfg.fitness.racing is None:
             return None
-        best = self.store.best()
+        best = next(iter(ranked(trials)), None)
         return best.example_scores if best else None
 
     # ---------------------------------------------------------------- results

@@ -112,7 +112,10 @@ class StudyStore:
         return self._storage
 
     def exists(self) -> bool:
-        """Whether the study is in the storage; never creates a SQLite file just to find out."""
+        """Whether the study is in the storage; never creates a SQLite file just to find out (a study once found
+        stays: none is deleted under a running command)."""
+        if self._optuna is not None:
+            return True
         if missing_sqlite_file(self.url):
             return False
         try:

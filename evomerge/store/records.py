@@ -30,10 +30,6 @@ class TrialRecord:
     stages: list | None = None
     example_scores: dict[str, list[float]] | None = field(default=None, repr=False)
     error: str | None = None
-    runner: str | None = None
-    worker: str | None = None
-    attempts: int | None = None
-    timings: dict[str, float] | None = None
 
     @classmethod
     def of(cls, t: FrozenTrial) -> TrialRecord:
@@ -44,8 +40,7 @@ class TrialRecord:
                    generation=a.get("generation"), index=a.get("index"), genome=a.get("genome"),
                    recipe=a.get("recipe"), scores=a.get("scores"), examples=a.get("examples"),
                    full_fidelity=a.get("full_fidelity", True), stages=a.get("stages"),
-                   example_scores=a.get("example_scores"), error=a.get("error"), runner=a.get("runner"),
-                   worker=a.get("worker"), attempts=a.get("attempts"), timings=a.get("timings"))
+                   example_scores=a.get("example_scores"), error=a.get("error"))
 
     @property
     def told(self) -> float | list[float]:
