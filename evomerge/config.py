@@ -11,23 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from .errors import EvomergeError
+from .errors import MAX_MESSAGE, EvomergeError, shorten
 from .methodspec import SPECS, InvalidRecipe, check_recipe
 from .recipe import Dtype
+from .spaces.kinds import KINDS, Kind, KindName
 
 MAX_FILE_BYTES = 1 << 20  # a study, preset, recipe or config file; real ones are a few kB
-MAX_MESSAGE = 400  # characters of one value or path in a message
 MAX_POPSIZE = 100_000  # candidates per generation: each a stored trial and a genome held in memory
 MAX_BUDGET = 10_000_000  # trials; each is a few rows in the study DB
 MAX_SEED = 2**32 - 1  # what numpy's and pycma's seeding accept
-
-
-def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
-    """`text` cut in the middle past `limit` characters: a message must never render a huge value or path."""
-    text = str(text)
-    if len(text) <= limit:
-        return text
-    return f"{text[: limit // 2]}…({len(text) - limit} characters cut)…{text[-limit // 4:]}"
 
 
 class ConfigError(EvomergeError, ValueError):
@@ -105,7 +97,7 @@ class SearchSpaceConfig(Strict):
     repeats, scale), see evomerge/spaces/dataflow.py.
     """
 
-    kind: Literal["ps", "dfs", "ps+dfs"] = "ps"
+    kind: KindName = "ps"
     layer_granularity: int = Field(1, ge=0, le=100_000, description="layers per group; 0: all layers one group")
     granularity: Literal["layer", "module"] | list[str] = Field(
         "layer", description="layer: one group per layer block; module: attention, MLP and the rest (norms) "
@@ -123,6 +115,11 @@ class SearchSpaceConfig(Strict):
     layout: Literal["published", "positions"] = "published"
     repeats: int = Field(3, ge=1, le=1000, description="published layout: how many times the source layers are laid out")
     scale: Range = Range(0.4, 1.5)
+
+    @property
+    def traits(self) -> Kind:
+        """What this kind of space asks of the rest of the study (see `spaces.kinds`)."""
+        return KINDS[self.kind]
 
     @model_validator(mode="after")
     def _density_in_range(self) -> SearchSpaceConfig:
@@ -351,7 +348,7 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _base_when_needed(self) -> StudyConfig:
-        if self.search_space.kind != "ps":
+        if not self.search_space.traits.merges:
             return self  # a data-flow search runs layers as they are: merge.method never applies
         if SPECS[self.merge.method].uses_base and not self.models.base:
             raise ValueError(f"merge method {self.merge.method} works on task vectors: set models.base")
@@ -363,10 +360,12 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _model_a_source(self) -> StudyConfig:
-        if self.search_space.kind == "ps+dfs" and not self.models.a_from_study:
-            raise ValueError("search space ps+dfs takes model A from a ps study: set models.a_from_study")
-        if self.models.a_from_study and self.search_space.kind != "ps+dfs":
-            raise ValueError("models.a_from_study is only used by search_space kind ps+dfs")
+        if self.search_space.traits.model_a and not self.models.a_from_study:
+            raise ValueError(f"search space {self.search_space.kind} takes model A from a ps study: set "
+                             "models.a_from_study")
+        if self.models.a_from_study and not self.search_space.traits.model_a:
+            kinds = " or ".join(k.name for k in KINDS.values() if k.model_a)
+            raise ValueError(f"models.a_from_study is only used by search_space kind {kinds}")
         if self.models.a_from_study == self.study:
             raise ValueError("models.a_from_study must name another study")
         return self

@@ -1,6 +1,7 @@
-"""What each merge method takes, as plain data: its per-parent parameters with their defaults, its options, how
-many parents, whether it needs a base.  Torch-free, so a study or recipe file is checked without loading torch;
-`merge/methods.py` attaches a function to each spec.
+"""What each merge method takes, as plain data: its per-parent parameters with their defaults and bounds, its
+options with their defaults, how many parents, whether it needs a base.  Torch-free, so a study or recipe file is
+checked without loading torch; in `merge/methods.py` each kernel registers against its spec with `@merge_method`,
+which reads the kernel's signature and gives its options these defaults (written once, here).
 
 `check_recipe` checks a recipe against its method before any tensor is read, naming the offending field.
 """
@@ -14,23 +15,51 @@ from .errors import EvomergeError
 
 
 @dataclass(frozen=True)
+class Param:
+    """A per-parent parameter: its default (None: a recipe must give it) and the interval its values lie in, written
+    as the documentation writes it (``(0, 1]``); None admits any finite value."""
+
+    name: str
+    default: float | None = None
+    interval: str | None = None
+
+    def admits(self, v: float) -> bool:
+        if self.interval is None:
+            return True
+        lo, hi = (float(x) for x in self.interval[1:-1].split(","))
+        return (v > lo if self.interval[0] == "(" else v >= lo) and (v < hi if self.interval[-1] == ")" else v <= hi)
+
+
+WEIGHT = Param("weight")
+DENSITY = Param("density", 1.0, "(0, 1]")  # the fraction of each task vector kept
+GAMMA = Param("gamma", 0.01, "[0, 1)")  # breadcrumbs: the top fraction dropped as outliers
+EPSILON = Param("epsilon", 0.0, "[0, 1)")  # DELLA: how far keep probabilities spread around density
+T = Param("t", None, "[0, 1]")  # slerp: 0 is the base, 1 the parent
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A method's contract.
 
-    ``tensor_params``: per-parent values a recipe gives per merge group, with their defaults (None = required).
-    ``options``: global options with defaults.  ``aux``: what the function needs besides the tensors (``keep`` from
+    ``params``: per-parent values a recipe gives per merge group (`Param`).  ``options``: global options with
+    defaults.  ``aux``: what the function needs besides the tensors (``keep`` from
     a magnitude window, ``row_ranks`` from the parents, ``bits`` from the recipe seed).  ``models``: allowed number of
     parents (min, max).  ``uses_base``: the function works on task vectors and needs a base model.  ``whole_tensor``:
     the function reduces over the whole tensor (norms), so it cannot run chunk by chunk.
     """
 
     name: str
-    tensor_params: dict[str, float | None]
+    params: tuple[Param, ...]
     options: dict[str, Any] = field(default_factory=dict)
     uses_base: bool = True
     aux: tuple[str, ...] = ()
     models: tuple[int, int | None] = (1, None)
     whole_tensor: bool = False
+
+    @property
+    def tensor_params(self) -> dict[str, float | None]:
+        """Per-parent parameter names with their defaults (None = required)."""
+        return {p.name: p.default for p in self.params}
 
     @property
     def random(self) -> bool:
@@ -48,20 +77,19 @@ RESCALE_MODES = ("density", "l1")
 SPECS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
-        MethodSpec("linear", {"weight": None}, {"normalize": True}, uses_base=False),
-        MethodSpec("task_arithmetic", {"weight": None}, dict(_GTA)),
-        MethodSpec("ties", {"weight": None, "density": 1.0}, {**_GTA, "normalize": True}, aux=("keep",)),
-        MethodSpec("dare_ties", {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM}, aux=("bits",)),
-        MethodSpec("dare_linear", {"weight": None, "density": 1.0}, {**_GTA, **_RANDOM}, aux=("bits",)),
-        MethodSpec("breadcrumbs", {"weight": None, "density": 1.0, "gamma": 0.01}, dict(_GTA), aux=("keep",)),
-        MethodSpec("breadcrumbs_ties", {"weight": None, "density": 1.0, "gamma": 0.01}, dict(_GTA), aux=("keep",)),
-        MethodSpec("della", {"weight": None, "density": 1.0, "epsilon": 0.0}, {**_GTA, **_RANDOM, "normalize": True},
+        MethodSpec("linear", (WEIGHT,), {"normalize": True}, uses_base=False),
+        MethodSpec("task_arithmetic", (WEIGHT,), dict(_GTA)),
+        MethodSpec("ties", (WEIGHT, DENSITY), {**_GTA, "normalize": True}, aux=("keep",)),
+        MethodSpec("dare_ties", (WEIGHT, DENSITY), {**_GTA, **_RANDOM}, aux=("bits",)),
+        MethodSpec("dare_linear", (WEIGHT, DENSITY), {**_GTA, **_RANDOM}, aux=("bits",)),
+        MethodSpec("breadcrumbs", (WEIGHT, DENSITY, GAMMA), dict(_GTA), aux=("keep",)),
+        MethodSpec("breadcrumbs_ties", (WEIGHT, DENSITY, GAMMA), dict(_GTA), aux=("keep",)),
+        MethodSpec("della", (WEIGHT, DENSITY, EPSILON), {**_GTA, **_RANDOM, "normalize": True},
                    aux=("row_ranks", "bits")),
-        MethodSpec("della_linear", {"weight": None, "density": 1.0, "epsilon": 0.0}, {**_GTA, **_RANDOM},
-                   aux=("row_ranks", "bits")),
-        MethodSpec("slerp", {"t": None}, models=(1, 1), whole_tensor=True),
-        MethodSpec("model_stock", {}, models=(2, None), whole_tensor=True),
-        MethodSpec("passthrough", {"weight": None}, uses_base=False),
+        MethodSpec("della_linear", (WEIGHT, DENSITY, EPSILON), {**_GTA, **_RANDOM}, aux=("row_ranks", "bits")),
+        MethodSpec("slerp", (T,), models=(1, 1), whole_tensor=True),
+        MethodSpec("model_stock", (), models=(2, None), whole_tensor=True),
+        MethodSpec("passthrough", (WEIGHT,), uses_base=False),
     )
 }
 
@@ -126,14 +154,11 @@ def _check_group(m: MethodSpec, where: str, values: dict[str, list[float]], n: i
     for p, default in m.tensor_params.items():
         if default is None and p not in values:
             raise InvalidRecipe(f"{where}.{p}", f"required by {m.name} (one value per parent)")
-    full = {p: values.get(p, [d] * n) for p, d in m.tensor_params.items()}
-    bounds = {"density": (0.0, 1.0, "(0, 1]"), "t": (0.0, 1.0, "[0, 1]"), "gamma": (0.0, 1.0, "[0, 1)"),
-              "epsilon": (0.0, 1.0, "[0, 1)")}
-    for p, (lo, hi, text) in bounds.items():
-        for v in full.get(p, []):
-            bad = (v <= lo if p == "density" else v < lo) or (v >= hi if p in ("gamma", "epsilon") else v > hi)
-            if bad:
-                raise InvalidRecipe(f"{where}.{p}", f"{v} is outside {text}")
+    full = {p.name: values.get(p.name, [p.default] * n) for p in m.params}
+    for p in m.params:
+        for v in full[p.name]:
+            if not p.admits(v):
+                raise InvalidRecipe(f"{where}.{p.name}", f"{v} is outside {p.interval}")
     if "epsilon" in full:
         for d, e in zip(full["density"], full["epsilon"]):
             if d < 1 and (d - e < 0 or d + e > 1):

@@ -87,7 +87,7 @@ def _check_models(path: Path, cfg: StudyConfig) -> None:
         if not any((Path(p) / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(path, field, f"{p} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): the "
                                            "candidates are scored with this model's tokenizer; copy it in")
-    if cfg.search_space.kind != "ps":
+    if not cfg.search_space.traits.merges:
         return  # a layer path may join models of different depths: build_space checks what its stream needs
     by_path = {str(p): f for f, p in local}
     try:

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from evomerge.merge.methods import (
+    METHODS,
+    SPECS,
     InvalidRecipe,
     breadcrumbs_ties,
     dare_linear,
@@ -13,6 +15,7 @@ from evomerge.merge.methods import (
     linear,
     magnitude_keep,
     magnitude_ranks,
+    merge_method,
     model_stock,
     outlier_window,
     passthrough,
@@ -170,8 +173,24 @@ def test_passthrough_takes_the_chosen_parent_times_its_scale():
     ("task_arithmetic", None, ["p"], {}, {}, "base"),
     ("ties", "b", ["p"], {}, {"normalise": True}, "options.normalise"),
     ("dare_ties", "b", ["p"], {}, {"rescale_mode": "l2"}, "options.rescale_mode"),
+    ("breadcrumbs", "b", ["p"], {"embed": {"weight": [1.0], "gamma": [1.0]}}, {}, "groups.embed.gamma"),
+    ("slerp", "b", ["p"], {"embed": {"t": [-0.1]}}, {}, "groups.embed.t"),
 ])
 def test_bad_recipes_are_refused_naming_the_field(method, base, parents, groups, options, field):
     with pytest.raises(InvalidRecipe) as e:
         validate(method, base, parents, groups, options)
     assert e.value.field == field
+
+
+def test_every_contract_has_a_kernel_and_the_kernels_options_default_to_the_contracts():
+    assert set(METHODS) == set(SPECS)
+    for name, m in METHODS.items():
+        assert m.fn.__kwdefaults__ == {("lambda_" if k == "lambda" else k): v for k, v in SPECS[name].options.items()}
+
+
+def test_a_kernel_that_takes_other_parameters_than_its_contract_is_refused():
+    with pytest.raises(TypeError, match="ties: ties_without_lambda.* does not take what its contract declares"):
+        @merge_method("ties", select=topk_window)
+        def ties_without_lambda(base, deltas, weight, *, keep, normalize):
+            return base
+    assert METHODS["ties"].fn is ties

@@ -1,4 +1,6 @@
-"""Merge methods: one short pure function per method over flattened tensors, parameters declared beside it.
+"""Merge methods: one short pure function per method over flattened tensors, registered by ``@merge_method``, which
+reads its signature against the method's contract in `methodspec` (per-parent parameters with their bounds, options
+with their defaults: plain data a study file is checked against without torch).
 
 Every function sees one tensor of the model at a time, flattened: ``base`` [M] and ``deltas`` (task vectors, parent
 minus base) or ``params`` (the parents themselves), one [M] tensor per parent — a list, or the rows of an [N, M]
@@ -22,6 +24,7 @@ index), so the search's candidate and the exported model are the same weights, i
 """
 from __future__ import annotations
 
+import inspect
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -204,78 +207,126 @@ def combine(base: Tensor, deltas: Parents, weight: Tensor, *, consensus: bool, n
     return base + lambda_ * merged
 
 
+# --- the registry: each kernel registered against its contract in methodspec.SPECS ----------------------------------
+
+Select = Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+SELECTED = ("density", "gamma")  # what a magnitude window consumes: the kernel gets the `keep` mask instead
+_ARG = {"lambda": "lambda_"}  # an option whose name is a Python keyword
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeMethod(MethodSpec):
+    """A registered method: its `MethodSpec` and the function that merges one tensor.  ``select``: the magnitude
+    window behind ``keep``; it consumes ``density`` and ``gamma``."""
+
+    fn: Callable[..., Tensor]
+    select: Select | None = None
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, select: Select | None = None) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register a kernel as method `name`, reading its signature against the method's torch-free contract: the
+    tensors (``base, deltas`` or ``params``), the per-parent parameters in order, then keyword-only the aux inputs
+    and the options (``lambda`` spelled ``lambda_``).  A kernel that takes anything else is refused at import; the
+    options get the contract's defaults, so each default is written once, where a study file is checked."""
+    spec = SPECS[name]
+
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        params = inspect.signature(fn).parameters.values()
+        positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+        keywords = {p.name for p in params if p.kind == p.KEYWORD_ONLY}
+        options = {_ARG.get(k, k): v for k, v in spec.options.items()}
+        want = ["base", "deltas"] if spec.uses_base else ["params"]
+        want += [p for p in spec.tensor_params if not (select and p in SELECTED)]
+        if positional != want or keywords != {*spec.aux, *options}:
+            raise TypeError(f"merge method {name}: {fn.__name__}{inspect.signature(fn)} does not take what its "
+                            f"contract declares: {', '.join(want)}, *, {', '.join([*spec.aux, *options])}")
+        fn.__kwdefaults__ = dict(options)
+        METHODS[name] = MergeMethod(**spec.spec_fields(), fn=fn, select=select)
+        return fn
+
+    return register
+
+
 # --- the methods ---------------------------------------------------------------------------------------------------
 
-def linear(params: Parents, weight: Tensor, *, normalize: bool = True) -> Tensor:
+@merge_method("linear")
+def linear(params: Parents, weight: Tensor, *, normalize: bool) -> Tensor:
     """Weighted average of the parents themselves (model soups)."""
     merged = _add(_weighted(params, weight))
     total = weight.sum()
     return merged / torch.where(total.abs() < 1e-8, 1.0, total) if normalize else merged
 
 
+@merge_method("passthrough")
 def passthrough(params: Parents, weight: Tensor) -> Tensor:
     """Take one parent's tensor (the one with a non-zero weight), times that weight (mergekit's ``scale``)."""
     return _add(_weighted(params, weight))
 
 
-def task_arithmetic(base: Tensor, deltas: Parents, weight: Tensor, *, normalize: bool = False,
-                    lambda_: float = 1.0) -> Tensor:
+@merge_method("task_arithmetic")
+def task_arithmetic(base: Tensor, deltas: Parents, weight: Tensor, *, normalize: bool, lambda_: float) -> Tensor:
     """base + sum_i weight_i * task_vector_i (Ilharco et al.)."""
     return combine(base, deltas, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def ties(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool = True,
-         lambda_: float = 1.0) -> Tensor:
+@merge_method("ties", select=topk_window)
+def ties(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool, lambda_: float) -> Tensor:
     """TIES-Merging (Yadav et al.): trim by magnitude (`keep`, from ``topk_window``), elect signs, merge the agreeing
     entries."""
     return combine(base, [d * k for d, k in zip(deltas, keep)], weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def dare_ties(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, *, bits: Parents,
-              normalize: bool = False, rescale: bool = True, rescale_mode: str = "density",
-              lambda_: float = 1.0) -> Tensor:
+@merge_method("dare_ties")
+def dare_ties(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, *, bits: Parents, normalize: bool,
+              rescale: bool, rescale_mode: str, lambda_: float) -> Tensor:
     """DARE (Yu et al.) random drop and rescale, then TIES sign election."""
     dropped = drop_random(deltas, density, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def dare_linear(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, *, bits: Parents,
-                normalize: bool = False, rescale: bool = True, rescale_mode: str = "density",
-                lambda_: float = 1.0) -> Tensor:
+@merge_method("dare_linear")
+def dare_linear(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, *, bits: Parents, normalize: bool,
+                rescale: bool, rescale_mode: str, lambda_: float) -> Tensor:
     """DARE random drop and rescale, then plain task arithmetic."""
     dropped = drop_random(deltas, density, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def breadcrumbs(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool = False,
-                lambda_: float = 1.0) -> Tensor:
+@merge_method("breadcrumbs", select=outlier_window)
+def breadcrumbs(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool,
+                lambda_: float) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky): drop outliers and small entries (`keep`, from ``outlier_window``),
     then task arithmetic."""
     return combine(base, [d * k for d, k in zip(deltas, keep)], weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
-def breadcrumbs_ties(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool = False,
-                     lambda_: float = 1.0) -> Tensor:
+@merge_method("breadcrumbs_ties", select=outlier_window)
+def breadcrumbs_ties(base: Tensor, deltas: Parents, weight: Tensor, *, keep: Parents, normalize: bool,
+                     lambda_: float) -> Tensor:
     """Model Breadcrumbs trim, then TIES sign election."""
     return combine(base, [d * k for d, k in zip(deltas, keep)], weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
+@merge_method("della")
 def della(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, epsilon: Tensor, *, row_ranks: Parents,
-          bits: Parents, normalize: bool = True, rescale: bool = True, rescale_mode: str = "density",
-          lambda_: float = 1.0) -> Tensor:
+          bits: Parents, normalize: bool, rescale: bool, rescale_mode: str, lambda_: float) -> Tensor:
     """DELLA-Merging (Deep et al.): magnitude-ranked random drop (MagPrune) and rescale, then TIES sign election."""
     dropped = drop_magprune(deltas, density, epsilon, row_ranks, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def della_linear(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, epsilon: Tensor, *,
-                 row_ranks: Parents, bits: Parents, normalize: bool = False, rescale: bool = True,
-                 rescale_mode: str = "density", lambda_: float = 1.0) -> Tensor:
+@merge_method("della_linear")
+def della_linear(base: Tensor, deltas: Parents, weight: Tensor, density: Tensor, epsilon: Tensor, *, row_ranks: Parents,
+                 bits: Parents, normalize: bool, rescale: bool, rescale_mode: str, lambda_: float) -> Tensor:
     """DELLA MagPrune and rescale, then plain task arithmetic."""
     dropped = drop_magprune(deltas, density, epsilon, row_ranks, bits, rescale, rescale_mode)
     return combine(base, dropped, weight, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
+@merge_method("slerp")
 def slerp(base: Tensor, deltas: Parents, t: Tensor) -> Tensor:
     """Spherical interpolation from the base (t=0) to the one parent (t=1); linear when the two are nearly parallel."""
     v0, v1 = base, base + deltas[0]
@@ -289,6 +340,7 @@ def slerp(base: Tensor, deltas: Parents, t: Tensor) -> Tensor:
     return s0 * v0 + s1 * v1
 
 
+@merge_method("model_stock")
 def model_stock(base: Tensor, deltas: Parents) -> Tensor:
     """Model Stock (Jang et al.): move from the base toward the parents' average by the angle between task vectors."""
     n = len(deltas)
@@ -300,29 +352,6 @@ def model_stock(base: Tensor, deltas: Parents) -> Tensor:
     return base + ratio * _add(list(deltas)) / n
 
 
-# --- the registry: each spec of methodspec.SPECS with its function ------------------------------------------------
-
-@dataclass(frozen=True, kw_only=True)
-class MergeMethod(MethodSpec):
-    """A registered method: its `MethodSpec` and the function that merges one tensor.  ``select``: the magnitude
-    window behind ``keep``; it consumes ``density`` and ``gamma``."""
-
-    fn: Callable[..., Tensor]
-    select: Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None
-
-
-_FUNCTIONS = {"linear": linear, "task_arithmetic": task_arithmetic, "ties": ties, "dare_ties": dare_ties,
-              "dare_linear": dare_linear, "breadcrumbs": breadcrumbs, "breadcrumbs_ties": breadcrumbs_ties,
-              "della": della, "della_linear": della_linear, "slerp": slerp, "model_stock": model_stock,
-              "passthrough": passthrough}
-_SELECTS = {"ties": topk_window, "breadcrumbs": outlier_window, "breadcrumbs_ties": outlier_window}
-
-METHODS: dict[str, MergeMethod] = {
-    name: MergeMethod(**spec.spec_fields(), fn=_FUNCTIONS[name], select=_SELECTS.get(name))
-    for name, spec in SPECS.items()
-}
-
-
 def get_method(name: str) -> MergeMethod:
     return METHODS[get_spec(name).name]
 
@@ -330,8 +359,8 @@ def get_method(name: str) -> MergeMethod:
 def apply(method: MergeMethod, base: Tensor | None, xs: Parents, params: dict[str, Tensor],
           aux: dict[str, Parents], options: dict[str, Any]) -> Tensor:
     """Call a method's function on one flattened tensor: `xs` are the deltas (or the parents, without a base)."""
-    kwargs = {("lambda_" if k == "lambda" else k): v for k, v in {**method.options, **options}.items()}
-    tensors = {p: params[p] for p in method.tensor_params if not (method.select and p in ("density", "gamma"))}
+    kwargs = {_ARG.get(k, k): v for k, v in options.items()}
+    tensors = {p: params[p] for p in method.tensor_params if not (method.select and p in SELECTED)}
     if method.uses_base:
         return method.fn(base, xs, **tensors, **{a: aux[a] for a in method.aux}, **kwargs)
     return method.fn(xs, **tensors, **kwargs)

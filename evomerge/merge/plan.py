@@ -168,7 +168,7 @@ def study_plan(cfg: StudyConfig, device: torch.device) -> MemoryPlan | None:
     from .methods import METHODS
 
     models = [m for m in [cfg.models.base, *cfg.models.parents] if m]
-    if cfg.search_space.kind != "ps" or not all(Path(m).is_dir() for m in models):
+    if not cfg.search_space.traits.merges or not all(Path(m).is_dir() for m in models):
         return None
     w = cfg.worker
     return plan_memory(cfg.models.base, cfg.models.parents, device,
