@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .config import shorten
+from .errors import shorten
 
 # not a terminal (a log file, a pipe, CI): lines as long as they are, never wrapped mid-message
 out = Console(soft_wrap=not sys.stdout.isatty())

@@ -86,6 +86,7 @@ class TaskIndex:
         self.local = TaskManager(include_path=include_path, include_defaults=False).all_tasks if include_path else []
         needs_defaults = any(n not in self.local for n in names)
         self.manager = TaskManager(include_path=include_path or None, include_defaults=needs_defaults)
+        self._leaves: dict[str, list[Leaf]] = {}  # each task's YAML is read once, whichever check asks first
 
     def unknown(self, names: list[str]) -> list[str]:
         return [n for n in names if n not in self.manager.all_tasks]
@@ -96,6 +97,8 @@ class TaskIndex:
         import lm_eval
         from lm_eval.tasks._yaml_loader import load_yaml
 
+        if name in self._leaves:
+            return self._leaves[name]
         entry = self.manager.task_index.get(name)
         if entry is None or depth > 4:
             return []
@@ -108,8 +111,10 @@ class TaskIndex:
             out = []
             for c in children:
                 out += self.leaves(c if isinstance(c, str) else c.get("task", ""), depth + 1)
-            return out
-        return [Leaf(name, cfg, builtin, entry.yaml_path)]
+        else:
+            out = [Leaf(name, cfg, builtin, entry.yaml_path)]
+        self._leaves[name] = out
+        return out
 
     def load(self, names: list[str]) -> dict:
         """lm-eval's task dict ({"tasks": ..., "groups": ..., "group_map": ...}), datasets loaded."""

@@ -76,12 +76,16 @@ class Recipe:
         return Recipe(**{**asdict(self), "base": rel(self.base), "parents": [rel(p) for p in self.parents],
                          "path": path, "tokenizer_source": tok if tok in (None, "base", "union") else rel(tok)})
 
+    def to_yaml(self, directory: Path) -> str:
+        """The recipe as YAML for a file in `directory`, model paths relative to it so the pair moves together."""
+        return yaml.safe_dump(self.with_paths_relative_to(directory).to_dict(), sort_keys=False,
+                              default_flow_style=None)
+
     def save(self, path: str | Path) -> Path:
-        """Write the recipe as YAML, model paths relative to the file so the pair can be moved together."""
+        """Write the recipe as YAML, model paths relative to the file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.with_paths_relative_to(path.resolve().parent).to_dict()
-        path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+        path.write_text(self.to_yaml(path.resolve().parent))
         return path
 
 

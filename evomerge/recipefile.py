@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -14,6 +14,9 @@ from .mergekit import check_sections, from_mergekit, is_mergekit, model_for
 from .methodspec import InvalidRecipe, check_recipe
 from .recipe import Dtype, LayerPath, Recipe
 from .userfile import check_path, exists_as, load_yaml, raise_first, resolve
+
+if TYPE_CHECKING:
+    from .io import ModelInfo
 
 
 class RecipeFile(Strict):
@@ -63,7 +66,7 @@ def _recipe_from(path: Path, data: dict, prefix: str) -> Recipe:
     d = path.parent
     base = resolve(d, rf.base) if rf.base else None
     parents = [resolve(d, p) for p in rf.parents]
-    _check_dirs(path, [(prefix + "base", base)] + [(f"{prefix}parents.{i}", p) for i, p in enumerate(parents)])
+    infos = _check_dirs(path, [(prefix + "base", base)] + [(f"{prefix}parents.{i}", p) for i, p in enumerate(parents)])
     layer_path = None
     if rf.path is not None:
         layer_path = rf.path.model_dump(exclude_none=True)
@@ -73,7 +76,7 @@ def _recipe_from(path: Path, data: dict, prefix: str) -> Recipe:
             if a.path is not None:
                 raise ConfigError(path, prefix + "path.a", "model A must be a parameter-space recipe (no path)")
             layer_path["a"] = a.to_dict()
-        _check_path_indices(path, prefix, layer_path, parents)
+        _check_path_indices(path, prefix, layer_path, parents, infos)
     tok = rf.tokenizer_source
     if tok not in (None, "base", "union"):
         tok = resolve(d, tok)
@@ -84,13 +87,15 @@ def _recipe_from(path: Path, data: dict, prefix: str) -> Recipe:
                   options=rf.options, dtype=rf.dtype, seed=rf.seed, path=layer_path, tokenizer_source=tok)
 
 
-def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list[str]) -> None:
-    """Every [model, layer] must exist; checked from the model headers, before any weight is read."""
+def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list[str],
+                        infos: dict[str, ModelInfo]) -> None:
+    """Every [model, layer] must exist; checked from the model headers (`infos`, read once), before any weight is
+    read."""
     from .io import inspect_model
 
     a = layer_path.get("a")
     sources = ([a["base"] or a["parents"][0]] if a else []) + parents
-    counts = [inspect_model(s).num_layers for s in sources]
+    counts = [(infos.get(s) or inspect_model(s)).num_layers for s in sources]
     for k, (m, layer) in enumerate(layer_path["layers"]):
         if not 0 <= m < len(sources):
             raise ConfigError(path, f"{prefix}path.layers.{k}", f"model {m} does not exist; models are 0..{len(sources) - 1}"
@@ -99,25 +104,29 @@ def _check_path_indices(path: Path, prefix: str, layer_path: dict, parents: list
             raise ConfigError(path, f"{prefix}path.layers.{k}", f"model {m} has layers 0..{counts[m] - 1}, not {layer}")
 
 
-def _check_dirs(path: Path, fields: list[tuple[str, str | None]]) -> None:
-    """Each model directory exists and its config.json and weight headers read; errors name the recipe's field."""
+def _check_dirs(path: Path, fields: list[tuple[str, str | None]],
+                known: dict[str, ModelInfo] | None = None) -> dict[str, ModelInfo]:
+    """Each model directory exists and its config.json and weight headers read (those in `known` were read
+    already); errors name the recipe's field.  Returns every model's headers by path."""
     from .io import ModelFilesError, inspect_model
 
+    infos = dict(known or {})
     for field, p in fields:
-        if p is None:
+        if p is None or p in infos:
             continue
         check_path(path, field, p)
         if not exists_as(p):
             raise ConfigError(path, field, f"model directory {p} does not exist")
         try:
-            inspect_model(p)
+            infos[p] = inspect_model(p)
         except ModelFilesError as e:
             raise ConfigError(path, field, str(e)) from None
+    return infos
 
 
 def _load_mergekit(path: Path, data: dict, notes: list[str] | None = None) -> Recipe:
     """A mergekit config: its models must be local directories (evomerge never downloads)."""
-    from .io import ModelFilesError, inspect_model
+    from .io import ModelFilesError
 
     try:
         check_sections(data)
@@ -127,21 +136,22 @@ def _load_mergekit(path: Path, data: dict, notes: list[str] | None = None) -> Re
     if ref is None:
         raise ConfigError(path, "models", "no model named (base_model, models or slices)")
     ref_dir = resolve(path.parent, ref)
-    _check_dirs(path, [("base_model" if data.get("base_model") else "models", ref_dir)])
+    known = _check_dirs(path, [("base_model" if data.get("base_model") else "models", ref_dir)])
     try:
-        info = inspect_model(ref_dir)
+        info = known[ref_dir]
         recipe = from_mergekit(data, info, lambda p: resolve(path.parent, p), notes)
         check_recipe(recipe.method, recipe.base, recipe.parents, recipe.groups, recipe.options)
     except InvalidRecipe as e:
         raise ConfigError(path, e.field, e.message) from None
     except ModelFilesError as e:
         raise ConfigError(path, "models", str(e)) from None
-    _check_dirs(path, [("base_model", recipe.base)] + [(f"models.{i}", p) for i, p in enumerate(recipe.parents)])
+    _check_dirs(path, [("base_model", recipe.base)] + [(f"models.{i}", p) for i, p in enumerate(recipe.parents)], known)
     return recipe
 
 
-def save_mergekit(recipe: Recipe, output: Path) -> None:
-    """Write `recipe` as a mergekit config (paths relative to the file); a layer path has no mergekit form."""
+def mergekit_yaml(recipe: Recipe, directory: Path) -> str:
+    """`recipe` as a mergekit config for a file in `directory` (paths relative to it); a layer path has no mergekit
+    form."""
     import yaml
 
     from .io import inspect_model
@@ -149,17 +159,13 @@ def save_mergekit(recipe: Recipe, output: Path) -> None:
 
     if recipe.path is not None:
         raise ValueError("a data-flow (layer path) recipe has no mergekit form; write the model with `evomerge merge`")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    rel = recipe.with_paths_relative_to(output.resolve().parent)
-    data = to_mergekit(rel, inspect_model(recipe.base or recipe.parents[0]))
-    output.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+    data = to_mergekit(recipe.with_paths_relative_to(directory), inspect_model(recipe.base or recipe.parents[0]))
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
 def write_recipe(recipe: Recipe, path: Path, fmt: str = "evomerge", header: Sequence[str] = ()) -> None:
-    """The recipe as YAML, evomerge's (`Recipe.save`) or mergekit's, headed by `header` comment lines."""
-    if fmt == "mergekit":
-        save_mergekit(recipe, path)
-    else:
-        recipe.save(path)
-    if header:
-        path.write_text("\n".join(header) + "\n" + path.read_text())
+    """The recipe as YAML, evomerge's (`Recipe.to_yaml`) or mergekit's, headed by `header` comment lines."""
+    directory = path.resolve().parent
+    text = mergekit_yaml(recipe, directory) if fmt == "mergekit" else recipe.to_yaml(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{line}\n" for line in header) + text)

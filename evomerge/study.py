@@ -25,9 +25,9 @@ from .optimizers import MULTI_OBJECTIVE, Optimizer, create_optimizer
 from .recipe import Recipe
 from .spaces import build_space, setup_signature
 from .storage_url import check_storage_url
-from .store import ATTR, StorageError, StudyBusy, StudyMismatch, StudyStore, TrialRecord, ranked
+from .store import StorageError, StudyBusy, StudyMismatch, StudyStore, TrialRecord, ranked
 
-__all__ = ["ATTR", "MAX_CMA_DIMENSION", "Progress", "StorageError", "Study", "StudyBusy", "StudyMismatch",
+__all__ = ["MAX_CMA_DIMENSION", "Progress", "StorageError", "Study", "StudyBusy", "StudyMismatch",
            "build_space", "losses"]
 POLL_S = 0.5  # how often an idle runner looks for claimable work
 MAX_CMA_DIMENSION = 5000  # a published 7B layer-wise space is a few hundred
@@ -97,16 +97,9 @@ class Study:
         return sig
 
     def check_compatible(self) -> None:
-        """Refuse, before any write, to resume an existing study whose setup differs from this file's."""
-        if self.exists():
-            stored = self.store.get("signature")
-            sig = self.signature()
-            if stored is not None and stored != sig:
-                changed = next(k for k in sig if stored.get(k) != sig[k])
-                raise StudyMismatch(
-                    f"study {self.cfg.study!r} already exists in this storage with a different {changed}; "
-                    "use a new study name (or another storage) for a changed setup"
-                )
+        """Refuse, before any write, to resume an existing study whose setup differs from this file's: the store's
+        check of the setup, now with the whole signature (the space's coordinate names included)."""
+        self.store.check_setup(self.signature())
 
     def _checkpoint(self) -> tuple[Optimizer, int, bool]:
         """The optimizer, the generation it is at, and whether it has already asked for that generation's genomes.
@@ -249,11 +242,6 @@ class Study:
         return best.example_scores if best else None
 
     # ---------------------------------------------------------------- results
-    def best_trial(self) -> optuna.trial.FrozenTrial | None:
-        """The best trial scored on the whole search subset, by weighted fitness (also with several objectives)."""
-        best = self.store.best()
-        return self.store.trial(best.number) if best else None
-
     def best_recipe(self) -> Recipe | None:
         best = self.store.best()
         return Recipe.from_dict(best.recipe) if best else None

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from .config import MAX_FILE_BYTES, ConfigError, shorten
+from .config import MAX_FILE_BYTES, ConfigError
+from .errors import shorten
 
 MAX_DEPTH = 32  # YAML nesting, aliases expanded; the deepest real field is ~6 levels down
 MAX_NODES = 100_000  # YAML values, aliases expanded: an alias bomb stops here, not in pydantic or a message

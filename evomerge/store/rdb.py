@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from ..errors import EvomergeError
@@ -313,9 +313,6 @@ class StudyStore:
         """The best trial scored on the whole search subset, by weighted fitness (also with several objectives)."""
         top = self.ranked()
         return top[0] if top else None
-
-    def trial(self, number: int) -> FrozenTrial:
-        return self.optuna.get_trials(deepcopy=False)[number]
 
     def pareto_front(self) -> list[TrialRecord]:
         return pareto_front(self.optuna)

@@ -30,6 +30,12 @@ class TrialRecord:
     stages: list | None = None
     example_scores: dict[str, list[float]] | None = field(default=None, repr=False)
     error: str | None = None
+    runner: str | None = None  # the `evomerge run` process that claimed it (host:pid)
+    worker: str | None = None  # the worker that scored it
+    attempts: int = 1  # how many workers it took (a Ray actor that died is replaced and the trial retried)
+    timings: dict[str, float] | None = field(default=None, repr=False)
+    wall_s: float | None = None  # from the claim to the stored result
+
 
     @classmethod
     def of(cls, t: FrozenTrial) -> TrialRecord:
@@ -40,7 +46,10 @@ class TrialRecord:
                    generation=a.get("generation"), index=a.get("index"), genome=a.get("genome"),
                    recipe=a.get("recipe"), scores=a.get("scores"), examples=a.get("examples"),
                    full_fidelity=a.get("full_fidelity", True), stages=a.get("stages"),
-                   example_scores=a.get("example_scores"), error=a.get("error"))
+                   example_scores=a.get("example_scores"), error=a.get("error"), runner=a.get("runner"),
+                   worker=a.get("worker"), attempts=a.get("attempts", 1), timings=a.get("timings"),
+                   wall_s=(t.datetime_complete - t.datetime_start).total_seconds()
+                   if t.datetime_start and t.datetime_complete else None)
 
     @property
     def told(self) -> float | list[float]:
