@@ -263,12 +263,16 @@ class MagnitudeIndex:
                             torch.full((n, 1), math.inf, device=device)], 1)
         below = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
         upto = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
+        first = torch.searchsorted(bounds, bounds)  # where each bound's value first occurs (samples repeat in bf16)
         for _, _, base, parents in self.store.chunks(name, row_chunks(shape, self.store.chunk)):
             for i, p in enumerate(parents):
                 a = (p.float() - base.float()).abs_()
-                # entry j counts below bound k (resp. at or below) for every k past its searchsorted slot
-                below[i] += torch.bincount(torch.searchsorted(bounds[i], a, right=True), minlength=s + 3)
-                upto[i] += torch.bincount(torch.searchsorted(bounds[i], a), minlength=s + 3)
+                # entry j counts below bound k (resp. at or below) for every k past its slot: the bounds <= a (>= 1,
+                # bounds start at 0) and the bounds < a, the second from the first without another binary search
+                right = torch.searchsorted(bounds[i], a, right=True)
+                left = torch.where(bounds[i][right - 1] == a, first[i][right - 1], right)
+                below[i] += torch.bincount(right, minlength=s + 3)
+                upto[i] += torch.bincount(left, minlength=s + 3)
         count = torch.int32 if m < 2**31 else torch.int64
         self.bounds[name] = bounds
         self.below[name] = below.cumsum(1)[:, :-1].to(count)
