@@ -36,7 +36,7 @@ import yaml  # noqa: E402
 
 import evomerge  # noqa: E402,F401
 from evomerge.executors import LocalExecutor  # noqa: E402
-from evomerge.study import ATTR, Study  # noqa: E402
+from evomerge.study import Study  # noqa: E402
 from evomerge.studyfile import load_study  # noqa: E402
 
 COMPETITOR = """
@@ -66,9 +66,8 @@ def per_trial(folder: Path, trials: int, threads: int | None) -> tuple[float, in
     cfg = load_study(study_file(folder, trials, threads))
     study = Study(cfg, executor=LocalExecutor(cfg))
     study.run(trials + 1)
-    done = sorted(study.optuna.get_trials(deepcopy=False), key=lambda t: t.number)[1:]
-    times = [t.user_attrs[ATTR + "timings"]["materialize_s"] + t.user_attrs[ATTR + "timings"]["fitness_s"]
-             for t in done]
+    done = sorted(study.store.records(), key=lambda t: t.number)[1:]
+    times = [t.timings["materialize_s"] + t.timings["fitness_s"] for t in done]
     return statistics.median(times), torch.get_num_threads()
 
 

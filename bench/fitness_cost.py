@@ -38,7 +38,7 @@ import yaml  # noqa: E402
 
 from evomerge.executors import LocalExecutor  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
-from evomerge.study import ATTR, Study  # noqa: E402
+from evomerge.study import Study  # noqa: E402
 from evomerge.studyfile import load_study  # noqa: E402
 
 RACING = {"min_examples": 10, "reduction_factor": 3, "z": 1.0}
@@ -104,12 +104,12 @@ def run_study(folder: Path, name: str, seed: int, optimizer: str, racing: bool, 
 
 def overhead(study: Study) -> tuple[float, float]:
     wall = forward = materialize = 0.0
-    for t in study.optuna.get_trials(deepcopy=False):
+    for t in study.store.records():
         if t.state.name != "COMPLETE":
             continue
-        wall += (t.datetime_complete - t.datetime_start).total_seconds()
-        forward += t.user_attrs[ATTR + "timings"]["forward_s"]
-        materialize += t.user_attrs[ATTR + "timings"]["materialize_s"]
+        wall += t.wall_s
+        forward += t.timings["forward_s"]
+        materialize += t.timings["materialize_s"]
     return (wall - forward - materialize) / wall, materialize / wall
 
 

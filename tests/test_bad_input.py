@@ -21,19 +21,18 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.executors import LocalExecutor
 from evomerge.io import load_state_dict
 from evomerge.study import Study
 from evomerge.studyfile import load_study
-from tests.conftest import FITNESS, ROOT, TINY
-from tests.test_reliability import BAD_PG, SECRET, small_study
+from tests.conftest import FITNESS, ROOT, TINY, small_study
+from tests.test_reliability import BAD_PG, SECRET
 
 
 @pytest.fixture(scope="module")
-def existing(tmp_path_factory) -> Path:
+def existing(tmp_path_factory, small_executor) -> Path:
     """A study with two finished trials, its DB next to it, and its best recipe exported as best.yaml."""
     path = small_study(tmp_path_factory.mktemp("existing"))
-    study = Study(load_study(path), executor=LocalExecutor(load_study(path)))
+    study = Study(load_study(path), executor=small_executor)
     study.run(2)
     study.best_recipe().save(path.parent / "best.yaml")
     study.storage.engine.dispose()

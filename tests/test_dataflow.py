@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from evomerge.spaces import DataflowSpace, Range
 from evomerge.study import Study
 from evomerge.studyfile import load_study
 
-from .conftest import TINY, write_study
+from .conftest import TINY, evomerge, write_study
 
 UP, ROT = str(TINY / "up"), str(TINY / "rot")
 # a path that uses `rot`'s layer 2 twice (two KV-cache slots for one source layer) and mixes both parents
@@ -186,11 +185,10 @@ def test_parents_with_different_hidden_sizes_are_refused_before_the_study_starts
     assert not (tmp_path / "x.db").exists()
 
 
-def test_merge_of_an_empty_path_exits_2(tmp_path, evomerge_cmd):
+def test_merge_of_an_empty_path_exits_2(tmp_path):
     bad = recipe({"layers": [], "scales": []})
     bad.save(tmp_path / "r.yaml")
-    res = subprocess.run(evomerge_cmd + ["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out")],
-                         capture_output=True, text=True)
+    res = evomerge("merge", tmp_path / "r.yaml", tmp_path / "out")
     assert res.returncode == 2 and "path.layers" in res.stderr and "empty" in res.stderr
     assert not (tmp_path / "out").exists()
 
@@ -226,16 +224,15 @@ def test_a_dfs_study_needs_no_base_model_whatever_merge_method_it_names(tmp_path
     assert cfg.models.base is None and cfg.search_space.kind == "dfs"
 
 
-def test_dfs_study_runs_and_its_best_exports_to_a_plain_model(tmp_path, evomerge_cmd):
+def test_dfs_study_runs_and_its_best_exports_to_a_plain_model(tmp_path):
     path = _dfs_study(tmp_path)
-    res = subprocess.run(evomerge_cmd + ["run", str(path)], capture_output=True, text=True)
+    res = evomerge("run", path)
     assert res.returncode == 0, res.stderr
     assert "search space dfs (passthrough): dimension 16" in res.stdout
     assert "parent up" in res.stdout and "evolved best" in res.stdout
-    subprocess.run(evomerge_cmd + ["export", str(path), "-o", str(tmp_path / "best.yaml")], check=True)
+    assert evomerge("export", path, "-o", tmp_path / "best.yaml").returncode == 0
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
-    res = subprocess.run(evomerge_cmd + ["merge", str(tmp_path / "best.yaml"), str(tmp_path / "model")],
-                         capture_output=True, text=True)
+    res = evomerge("merge", tmp_path / "best.yaml", tmp_path / "model")
     assert res.returncode == 0, res.stderr
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=False)
     assert plain.config.num_hidden_layers == len(best["path"]["layers"])

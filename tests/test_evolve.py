@@ -1,13 +1,12 @@
 """mergekit-evolve configs: run as the study they mean, convert into a study file, bad fields named."""
 import sqlite3
-import subprocess
 
 import pytest
 import yaml
 
 from evomerge.config import ConfigError
 from evomerge.studyfile import load_study
-from tests.conftest import FITNESS, TINY
+from tests.conftest import FITNESS, TINY, evomerge
 
 EXAMPLE = TINY / "evolve.yaml"
 
@@ -27,13 +26,9 @@ def evolve_file(tmp_path, **changes):
     return path
 
 
-def run(cmd, *args):
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
-def test_the_documented_example_runs_as_a_study_named_and_stored_after_its_file(tmp_path, evomerge_cmd):
+def test_the_documented_example_runs_as_a_study_named_and_stored_after_its_file(tmp_path):
     path = evolve_file(tmp_path, limit=20)
-    r = run(evomerge_cmd, "run", path, "--budget", 4, "--task-search-path", FITNESS)
+    r = evomerge("run", path, "--budget", 4, "--task-search-path", FITNESS)
     assert r.returncode == 0, r.stderr
     assert "study my-evolve" in r.stdout and "search space ps (dare_ties, layer groups): dimension 16" in r.stdout
     assert "note:" in r.stderr and "embeddings and head" in r.stderr
@@ -41,9 +36,9 @@ def test_the_documented_example_runs_as_a_study_named_and_stored_after_its_file(
         assert c.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] >= 4
 
 
-def test_convert_writes_a_study_that_run_check_accepts(tmp_path, evomerge_cmd):
+def test_convert_writes_a_study_that_run_check_accepts(tmp_path):
     out = tmp_path / "studies" / "converted.yaml"
-    r = run(evomerge_cmd, "convert", EXAMPLE, "-o", out, "--task-search-path", FITNESS, "--budget", 30,
+    r = evomerge("convert", EXAMPLE, "-o", out, "--task-search-path", FITNESS, "--budget", 30,
             "--random-seed", 7)
     assert r.returncode == 0, r.stderr
     study = yaml.safe_load(out.read_text())
@@ -53,14 +48,14 @@ def test_convert_writes_a_study_that_run_check_accepts(tmp_path, evomerge_cmd):
     assert study["fitness"]["tasks"][1] == {"task": "tiny_rot", "metric": "exact_match,none", "weight": 0.5,
                                             "limit": 40}
     assert "# note: fitness.tasks" in out.read_text()
-    r = run(evomerge_cmd, "run", out, "--check")
+    r = evomerge("run", out, "--check")
     assert r.returncode == 0, r.stderr
 
 
-def test_filters_and_smooth_map_to_module_groups_and_a_note(tmp_path, evomerge_cmd):
+def test_filters_and_smooth_map_to_module_groups_and_a_note(tmp_path):
     path = evolve_file(tmp_path, **{"genome.filters": ["self_attn", "mlp"], "genome.smooth": True,
                                     "genome.layer_granularity": 0, "shuffle": True})
-    r = run(evomerge_cmd, "convert", path, "-o", tmp_path / "s.yaml", "--task-search-path", FITNESS)
+    r = evomerge("convert", path, "-o", tmp_path / "s.yaml", "--task-search-path", FITNESS)
     assert r.returncode == 0, r.stderr
     assert "genome.smooth: no equivalent" in r.stderr and "shuffle: no equivalent" in r.stderr
     space = yaml.safe_load((tmp_path / "s.yaml").read_text())["search_space"]
@@ -85,8 +80,8 @@ def test_a_bad_evolve_field_is_refused_naming_file_and_field(tmp_path, field, va
     assert f"{path}: {'tasks.0.weight' if field == 'tasks' else field}" in str(e.value)
 
 
-def test_a_bad_evolve_file_exits_2_before_the_db_is_touched(tmp_path, evomerge_cmd):
+def test_a_bad_evolve_file_exits_2_before_the_db_is_touched(tmp_path):
     path = evolve_file(tmp_path, **{"genome.merge_method": "della"})
-    r = run(evomerge_cmd, "run", path, "--task-search-path", FITNESS)
+    r = evomerge("run", path, "--task-search-path", FITNESS)
     assert r.returncode == 2 and f"{path}: genome.merge_method" in r.stderr.replace("\n", ""), r.stderr
     assert not (tmp_path / "my-evolve.db").exists()

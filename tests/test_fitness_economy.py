@@ -1,6 +1,5 @@
 """Racing on real models (its rules alone: test_racing.py), final evaluation, the contamination guard,
 multi-objective search and other fitness sources, on the real tiny zoo with real lm-eval and real SQLite."""
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -13,9 +12,9 @@ from evomerge.fitness import FitnessError, check_contamination, task_index
 from evomerge.optimizers import Optimizer, create_optimizer
 from evomerge.recipe import Recipe
 from evomerge.store import pareto_front
-from evomerge.study import ATTR, Study, build_space
+from evomerge.study import Study, build_space
 from evomerge.studyfile import load_study
-from tests.conftest import ROOT, with_fitness, write_study
+from tests.conftest import ROOT, evomerge, records, with_fitness, write_study
 
 RACING = {"min_examples": 10, "reduction_factor": 2, "z": 1.0}
 
@@ -87,11 +86,11 @@ def test_prebuilt_requests_score_exactly_what_lm_eval_evaluate_scores(racing):
 def test_a_raced_study_records_examples_and_its_best_trial_is_full_fidelity(tmp_path, racing):
     cfg = load_study(with_fitness(write_study(tmp_path), racing=RACING))
     study = Study(cfg, executor=racing)
-    st = study.run(8)
-    trials = st.get_trials()
-    assert all(t.user_attrs[ATTR + "examples"] >= 20 for t in trials)
-    assert study.best_trial().user_attrs[ATTR + "full_fidelity"]
-    assert all(t.value < study.best_trial().value for t in trials if not t.user_attrs[ATTR + "full_fidelity"])
+    study.run(8)
+    trials, best = study.store.records(), study.store.best()
+    assert all(t.examples >= 20 for t in trials)
+    assert best.full_fidelity
+    assert all(t.value < best.value for t in trials if not t.full_fidelity)
 
 
 # ---------------------------------------------------------------- final evaluation
@@ -117,10 +116,10 @@ def test_final_evaluation_rescoring_reads_only_the_test_split(tmp_path):
     rows = study.final_eval()
     assert recorder.splits == ["test", "test"]
     assert [r["rank"] for r in rows] == [1, 2] and all(r["splits"] == {"tiny_up": "test", "tiny_rot": "test"} for r in rows)
-    stored = study.optuna.user_attrs[ATTR + "final_eval"]["rows"]
+    stored = study.store.get("final_eval")["rows"]
     assert [r["trial"] for r in stored] == [r["trial"] for r in rows]
     assert study.final_eval() == rows and recorder.splits == ["test", "test"]  # stored, not scored again
-    recipe = study.optuna.trials[rows[0]["trial"]].user_attrs[ATTR + "recipe"]
+    recipe = study.store.records()[rows[0]["trial"]].recipe
     assert recorder.worker.evaluate(Recipe.from_dict(recipe), "test").score.value == rows[0]["test"]
 
 
@@ -161,20 +160,19 @@ def test_the_guard_refuses_a_search_on_a_public_benchmarks_test_split(tmp_path):
     check_contamination(cfg.model_copy(update={"allow_test_split_search": True}), task_index(cfg))
 
 
-def test_run_check_refuses_the_contaminated_study_before_any_write(tmp_path, evomerge_cmd):
+def test_run_check_refuses_the_contaminated_study_before_any_write(tmp_path):
     study = write_study(tmp_path)
     data = yaml.safe_load(study.read_text())
     data["fitness"]["include_path"] = str(benchmark_task(tmp_path / "tasks"))
     data["fitness"]["tasks"] = [{"task": "gsm8k_copy", "search_split": "test", "test_split": "train"}]
     study.write_text(yaml.safe_dump(data))
-    r = subprocess.run([*evomerge_cmd, "run", "--check", str(study)], capture_output=True, text=True, timeout=300)
+    r = evomerge("run", "--check", study)
     assert r.returncode == 2 and "contamination" in r.stderr and str(study) in r.stderr
     assert not (tmp_path / "tiny-ps.db").exists()
 
 
-def test_run_check_validates_a_gpu_study_offline_and_says_what_it_did_not_check(evomerge_cmd):
-    r = subprocess.run([*evomerge_cmd, "run", "--check", str(ROOT / "experiments/gpu/gsm8k-mistral.yaml")],
-                       capture_output=True, text=True, timeout=300)
+def test_run_check_validates_a_gpu_study_offline_and_says_what_it_did_not_check():
+    r = evomerge("run", "--check", ROOT / "experiments/gpu/gsm8k-mistral.yaml")
     assert r.returncode == 0, r.stderr
     assert "mistralai/Mistral-7B-v0.1: Hub id, syntax only" in " ".join(r.stdout.split())
     assert "not checked" in r.stdout
@@ -185,7 +183,7 @@ def dominates(a: list[float], b: list[float]) -> bool:
     return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
 
-def test_an_nsga2_study_yields_a_non_dominated_front(tmp_path, racing, evomerge_cmd):
+def test_an_nsga2_study_yields_a_non_dominated_front(tmp_path, racing):
     cfg = load_study(write_study(tmp_path, optimizer={"name": "nsga2", "popsize": 4}))
     st = Study(cfg, executor=racing.__class__(cfg)).run(8)
     front = pareto_front(st)
@@ -194,8 +192,7 @@ def test_an_nsga2_study_yields_a_non_dominated_front(tmp_path, racing, evomerge_
     rest = [t for t in st.get_trials() if t.number not in {f.number for f in front}]
     assert all(any(dominates(f.values, t.values) or f.values == t.values for f in front) for t in rest)
 
-    r = subprocess.run([*evomerge_cmd, "export", str(tmp_path / "study.yaml"), "--pareto", str(tmp_path / "front")],
-                       capture_output=True, text=True, timeout=300)
+    r = evomerge("export", tmp_path / "study.yaml", "--pareto", tmp_path / "front")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "front").iterdir()) == [f"trial-{t.number:05d}.yaml" for t in front]
 
@@ -264,6 +261,7 @@ def test_a_fitness_that_adds_up_to_nan_fails_its_trial_not_the_study(tmp_path, m
         {"task": "high", "source": "callable", "function": "extremes:high"},
         {"task": "low", "source": "callable", "function": "extremes:low"},
     ])
-    trials = Study(load_study(study)).run(2).get_trials()
+    Study(load_study(study)).run(2)
+    trials = records(study)
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
-    assert all("fitness is NaN" in t.user_attrs[ATTR + "error"] for t in trials)
+    assert all("fitness is NaN" in t.error for t in trials)

@@ -13,11 +13,7 @@ import yaml
 from evomerge.merge.plan import MemoryPlanError, plan_memory
 from evomerge.study import Study
 from evomerge.studyfile import load_study
-from tests.conftest import write_study
-
-
-def run(cmd, *args):
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=300)
+from tests.conftest import evomerge, write_study
 
 
 def copy_zoo(tiny, root):
@@ -35,17 +31,17 @@ def corrupt(model_dir):
     save_file({k: v.to(torch.int32) for k, v in load_file(f).items()}, f)
 
 
-def test_run_against_an_unreachable_db_fails_before_any_parent_weight_is_read(tmp_path, tiny, evomerge_cmd):
+def test_run_against_an_unreachable_db_fails_before_any_parent_weight_is_read(tmp_path, tiny):
     zoo = copy_zoo(tiny, tmp_path / "zoo")
     corrupt(zoo / "rot")
     study = write_study(tmp_path, models={"base": str(zoo / "base"), "parents": [str(zoo / "up"), str(zoo / "rot")]})
-    r = run(evomerge_cmd, "run", study, "--storage", f"sqlite:///{tmp_path}/no-such-folder/study.db")
+    r = evomerge("run", study, "--storage", f"sqlite:///{tmp_path}/no-such-folder/study.db")
     assert r.returncode == 2
     assert "cannot open the study DB" in r.stderr and "no-such-folder" in r.stderr
     assert "float weights are expected" not in r.stderr
 
 
-def test_a_changed_study_signature_fails_before_any_parent_weight_is_read(tmp_path, tiny, evomerge_cmd):
+def test_a_changed_study_signature_fails_before_any_parent_weight_is_read(tmp_path, tiny):
     zoo = copy_zoo(tiny, tmp_path / "zoo")
     models = {"base": str(zoo / "base"), "parents": [str(zoo / "up"), str(zoo / "rot")]}
     study = write_study(tmp_path, models=models)
@@ -54,21 +50,21 @@ def test_a_changed_study_signature_fails_before_any_parent_weight_is_read(tmp_pa
     data = yaml.safe_load(study.read_text())
     data["merge"]["method"] = "dare_ties"
     study.write_text(yaml.safe_dump(data))
-    r = run(evomerge_cmd, "run", study)
+    r = evomerge("run", study)
     assert r.returncode == 2
     assert "already exists in this storage with a different method" in r.stderr
     assert "float weights are expected" not in r.stderr
 
 
-def test_the_memory_plan_refuses_a_study_that_cannot_fit_the_device_budget(tmp_path, evomerge_cmd):
+def test_the_memory_plan_refuses_a_study_that_cannot_fit_the_device_budget(tmp_path):
     study = write_study(tmp_path)
     for args in (["--check"], []):
-        r = run(evomerge_cmd, "run", study, "--device-memory", "0.001", *args)
+        r = evomerge("run", study, "--device-memory", "0.001", *args)
         assert r.returncode == 2, r.stdout
         assert "worker: the models do not fit" in r.stderr and "Options:" in r.stderr
         assert "--device-memory" in r.stderr
     assert not (tmp_path / "tiny-ps.db").exists()
-    r = run(evomerge_cmd, "run", study, "--check")
+    r = evomerge("run", study, "--check")
     assert r.returncode == 0 and "memory plan: resident" in r.stdout
 
 

@@ -1,6 +1,5 @@
 """mergekit configs: import means what mergekit means, export round-trips, data-flow configs are refused clearly."""
 import re
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from evomerge.merge import write_model
 from evomerge.mergekit import evaluate_setting, to_mergekit
 from evomerge.recipe import Recipe
 from evomerge.recipefile import load_recipe
+from tests.conftest import evomerge
 
 GROUPS = ["embed", "layers.0", "layers.1", "layers.2", "layers.3", "head"]
 
@@ -201,20 +201,18 @@ def test_gradients_restart_in_each_slice_like_mergekit(tmp_path, tiny):
     assert r.groups["head"]["weight"] == [0.2, 0.3]  # the last slice's, at t = 1
 
 
-def test_merge_cli_accepts_a_mergekit_config(tmp_path, tiny, evomerge_cmd):
+def test_merge_cli_accepts_a_mergekit_config(tmp_path, tiny):
     cfg = {"merge_method": "linear", "models": [{"model": str(tiny / "up"), "parameters": {"weight": 1.0}},
                                                 {"model": str(tiny / "rot"), "parameters": {"weight": 1.0}}]}
-    proc = subprocess.run([*evomerge_cmd, "merge", str(write(tmp_path, cfg)), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    proc = evomerge("merge", write(tmp_path, cfg), tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
 
 
-def test_merge_cli_names_the_mergekit_field_it_refuses(tmp_path, tiny, evomerge_cmd):
+def test_merge_cli_names_the_mergekit_field_it_refuses(tmp_path, tiny):
     cfg = {"merge_method": "slerp", "base_model": str(tiny / "base"),
            "models": [{"model": str(tiny / "up")}, {"model": str(tiny / "rot")}], "parameters": {"t": 0.5}}
-    proc = subprocess.run([*evomerge_cmd, "merge", str(write(tmp_path, cfg)), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    proc = evomerge("merge", write(tmp_path, cfg), tmp_path / "out")
     assert proc.returncode == 2 and "mk.yaml" in proc.stderr and "parents" in proc.stderr
     assert "slerp" in proc.stderr and not (tmp_path / "out").exists()
 

@@ -1,6 +1,5 @@
 """Module-level merge groups: the ps space at module granularity, and its winner through export and merge."""
 import json
-import subprocess
 
 import pytest
 import yaml
@@ -9,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.config import ConfigError
 from evomerge.spaces import ParameterSpace, Range
 from evomerge.studyfile import load_study
-from tests.conftest import write_study
+from tests.conftest import evomerge, write_study
 
 
 def space(**kw):
@@ -32,25 +31,22 @@ def test_all_layers_one_group_and_x0_in_parameter_units_as_mergekit_evolve():
     assert s.x0()[:4] == [0.5, 0.5, 1.0, 1.0]
 
 
-def test_a_module_study_runs_and_its_mergekit_export_merges_to_the_stored_test_score(tmp_path, evomerge_cmd):
+def test_a_module_study_runs_and_its_mergekit_export_merges_to_the_stored_test_score(tmp_path):
     study = write_study(tmp_path, budget=4, search_space={"preset": "ps-layerwise", "granularity": "module"},
                         baselines={"weight": [1.0], "density": [1.0]})
-    r = subprocess.run([*evomerge_cmd, "run", str(study)], capture_output=True, text=True)
+    r = evomerge("run", study)
     assert r.returncode == 0, r.stderr
     assert "groups by self_attn/mlp and the rest): dimension 56" in r.stdout
-    r = subprocess.run([*evomerge_cmd, "export", str(study), "-o", str(tmp_path / "mk.yaml"), "--format", "mergekit"],
-                       capture_output=True, text=True)
+    r = evomerge("export", study, "-o", tmp_path / "mk.yaml", "--format", "mergekit")
     assert r.returncode == 0, r.stderr
     mk = yaml.safe_load((tmp_path / "mk.yaml").read_text())
     assert any(c.get("filter") == "self_attn" for c in mk["models"][0]["parameters"]["weight"])
-    r = subprocess.run([*evomerge_cmd, "merge", str(tmp_path / "mk.yaml"), str(tmp_path / "merged")],
-                       capture_output=True, text=True)
+    r = evomerge("merge", tmp_path / "mk.yaml", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
 
     from evomerge.fitness import Fitness
 
-    s = json.loads(subprocess.run([*evomerge_cmd, "status", str(study), "--json"], capture_output=True,
-                                  text=True).stdout)
+    s = json.loads(evomerge("status", study, "--json").stdout)
     stored = {row["model"]: row for row in s["final_table"]}["evolved best"]["test"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")

@@ -1,11 +1,11 @@
 """Racing's rules as pure functions: stage sizes, the paired stopping rule, the control-variate estimate, the stage
 loop over a scoring function, and what the optimizer is told of a raced trial.  No model: a candidate here is a table
 of per-example scores, which is all racing ever sees of one."""
-import optuna
 import pytest
+from optuna.trial import TrialState
 
 from evomerge.racing import estimate, example_order, keep_racing, race, stage_sizes
-from evomerge.store import ATTR, RACED_OUT, TrialRecord
+from evomerge.store import RACED_OUT, TrialRecord
 from evomerge.study import losses
 
 
@@ -145,9 +145,10 @@ def test_a_task_with_fewer_examples_stays_at_its_full_count_while_the_others_gro
 
 # ---------------------------------------------------------------- what the optimizer is told
 def told(value, full: bool = True, stages: int = 0, values=None) -> float | list[float]:
-    """What the optimizer is told of a finished trial with these values and racing attrs, read as the store reads it."""
-    attrs = {ATTR + "full_fidelity": full, ATTR + "stages": [{}] * stages}
-    return TrialRecord.of(optuna.trial.create_trial(value=value, values=values, user_attrs=attrs)).told
+    """What the optimizer is told of a finished trial with these values and racing attrs."""
+    values = values or [value]
+    return TrialRecord(number=0, trial_id=0, state=TrialState.COMPLETE, values=values, value=values[0],
+                       full_fidelity=full, stages=[{}] * stages).told
 
 
 def test_a_full_fidelity_trial_is_told_its_value():

@@ -12,7 +12,7 @@ import ray
 from optuna.trial import TrialState
 
 from evomerge.executors import LocalExecutor, RayExecutor
-from evomerge.study import ATTR, Study
+from evomerge.study import Study
 from evomerge.studyfile import load_study
 from tests.conftest import write_study
 
@@ -34,10 +34,11 @@ def ray_study(tmp_path, **overrides):
 
 
 def test_two_cpu_actors_complete_a_study_and_share_its_trials(tmp_path, executor):
-    st = Study(ray_study(tmp_path), executor=executor).run(8)
-    trials = st.get_trials()
+    study = Study(ray_study(tmp_path), executor=executor)
+    study.run(8)
+    trials = study.store.records()
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.user_attrs[ATTR + "worker"] for t in trials}) == 2
+    assert len({t.worker for t in trials}) == 2
 
 
 def test_an_actor_scores_a_recipe_exactly_as_the_local_executor_does(tmp_path, executor):
@@ -60,11 +61,12 @@ def kill_a_busy_actor(executor, killed):
 
 def test_a_killed_actor_is_replaced_and_its_trial_retried(tmp_path, executor):
     killed = []
-    st = Study(ray_study(tmp_path), executor=executor).run(8, on_trial=kill_a_busy_actor(executor, killed))
+    study = Study(ray_study(tmp_path), executor=executor)
+    study.run(8, on_trial=kill_a_busy_actor(executor, killed))
     assert killed, "no actor was busy when a trial finished"
-    trials = st.get_trials()
+    trials = study.store.records()
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert any(t.user_attrs.get(ATTR + "attempts") == 2 for t in trials)
+    assert any(t.attempts == 2 for t in trials)
     pids = [w["pid"] for w in executor.workers()]
     assert len(pids) == 2 and killed[0]["pid"] not in pids
 
@@ -72,11 +74,13 @@ def test_a_killed_actor_is_replaced_and_its_trial_retried(tmp_path, executor):
 def test_a_trial_whose_actor_dies_past_max_retries_fails_with_the_reason(tmp_path, executor, monkeypatch):
     monkeypatch.setattr(executor.ec, "max_retries", 0)
     killed = []
-    st = Study(ray_study(tmp_path), executor=executor).run(6, on_trial=kill_a_busy_actor(executor, killed))
-    states = [t.state for t in st.get_trials()]
+    study = Study(ray_study(tmp_path), executor=executor)
+    study.run(6, on_trial=kill_a_busy_actor(executor, killed))
+    trials = study.store.records()
+    states = [t.state for t in trials]
     assert len(states) == 6 and states.count(TrialState.FAIL) == 1
-    failed = next(t for t in st.get_trials() if t.state == TrialState.FAIL)
-    assert "worker died 1 times" in failed.user_attrs[ATTR + "error"]
+    failed = next(t for t in trials if t.state == TrialState.FAIL)
+    assert "worker died 1 times" in failed.error
 
 
 def test_an_unreachable_ray_address_exits_2_in_seconds_before_the_db_is_touched(tmp_path, evomerge_cmd):

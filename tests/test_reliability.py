@@ -3,6 +3,7 @@ unsafe is loaded or leaked.  Real subprocesses, real SIGKILL, real SQLite, the r
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -11,7 +12,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
 import yaml
@@ -20,21 +20,13 @@ from typer.testing import CliRunner
 
 from evomerge.cli import app
 from evomerge.executors import LocalExecutor
-from evomerge.study import ATTR, Study
+from evomerge.study import Study
 from evomerge.studyfile import load_study
-from tests.conftest import with_fitness, write_study
-
-BUDGET = 16
+from tests.conftest import BUDGET, evomerge, records, small_study
 
 
 def run(cmd, *args, timeout=300):
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def small_study(tmp: Path, **overrides) -> Path:
-    """Four generations of four candidates, ten examples per task: a study whose trials take a fraction of a second."""
-    return with_fitness(write_study(tmp, budget=BUDGET, baselines={"weight": [0.5], "density": [0.5]}, **overrides),
-                        limit=10)
 
 
 def finished(db: Path) -> int:
@@ -49,21 +41,15 @@ def finished(db: Path) -> int:
 
 def history(study_file: Path) -> list[tuple]:
     """What the study decided, trial by trial, in proposal order: the sequence a resume must reproduce exactly."""
-    cfg = load_study(study_file)
-    st = optuna.load_study(study_name=cfg.study, storage=cfg.storage_url())
-    rows = []
-    for t in st.get_trials(deepcopy=False):
-        a = t.user_attrs
-        rows.append((a[ATTR + "generation"], a[ATTR + "index"], t.state.name, a[ATTR + "genome"], a[ATTR + "recipe"],
-                     t.value, a.get(ATTR + "scores"), a.get(ATTR + "error")))
-    return sorted(rows, key=lambda r: (r[0], r[1]))
+    return sorted(((r.generation, r.index, r.state.name, r.genome, r.recipe, r.values, r.scores, r.error)
+                   for r in records(study_file)), key=lambda row: (row[0], row[1]))
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, executor) -> list[tuple]:
+def uninterrupted(tmp_path_factory, small_executor) -> list[tuple]:
     """The history of the small study run start to end in this process: what every resumed run must reproduce."""
     reference = small_study(tmp_path_factory.mktemp("reference"))
-    Study(load_study(reference), executor=executor).run(BUDGET)
+    Study(load_study(reference), executor=small_executor).run(BUDGET)
     return history(reference)
 
 
@@ -87,7 +73,7 @@ def test_a_study_killed_at_ten_random_points_resumes_into_the_uninterrupted_stud
             kills_mid_study += finished(db) < BUDGET
         proc.wait()
     assert kills_mid_study >= 8, "the kills should land while trials are still being evaluated"
-    r = run(evomerge_cmd, "run", killed)
+    r = evomerge("run", killed)
     assert r.returncode == 0, r.stderr
 
     resumed = history(killed)
@@ -115,7 +101,7 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_says_it_resumes_into_the_uninter
     assert f"interrupted at {done}/{BUDGET} trials; re-run the same command to resume" in stderr
     assert "Traceback" not in stderr + stdout and 0 < done < BUDGET
 
-    r = run(evomerge_cmd, "run", study)
+    r = evomerge("run", study)
     assert r.returncode == 0, r.stderr
     assert f"resuming study tiny-ps: {done} of {BUDGET} trials done" in r.stdout
     assert history(study) == uninterrupted
@@ -141,11 +127,9 @@ def test_a_second_runner_on_one_sqlite_study_is_refused_at_once_and_a_killed_run
         first.send_signal(signal.SIGKILL)
         first.wait()
     budget = finished(db) + 4  # the killed runner's trial in flight, and the rest of its generation
-    rerun = subprocess.Popen([*evomerge_cmd, "run", str(study), "--budget", str(budget)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    stdout, stderr = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, stderr  # the dead runner's lock died with it
-    assert "evolved best" in stdout
+    rerun = evomerge("run", study, "--budget", budget)  # in this process
+    assert rerun.returncode == 0, rerun.stderr  # the dead runner's lock died with it
+    assert "evolved best" in rerun.stdout
     with sqlite3.connect(db) as c:
         rows = c.execute("select t.state, a.value_json from trials t join trial_user_attributes a "
                          "on a.trial_id = t.trial_id and a.key = 'evomerge.runner'").fetchall()
@@ -155,15 +139,10 @@ def test_a_second_runner_on_one_sqlite_study_is_refused_at_once_and_a_killed_run
         assert placed == c.execute("select count(*) from trials").fetchone()[0], "a candidate was enqueued twice"
     assert sum(state in ("COMPLETE", "FAIL") for state, _ in rows) == budget
     runners = {json.loads(v).rsplit(":", 1)[1] for _, v in rows}
-    assert runners <= {str(first.pid), str(rerun.pid)} and str(second.pid) not in runners
+    assert runners <= {str(first.pid), str(os.getpid())} and str(second.pid) not in runners
 
 
 # ------------------------------------------------------------------------------------------ candidate failures
-@pytest.fixture(scope="module")
-def executor(tmp_path_factory):
-    return LocalExecutor(load_study(small_study(tmp_path_factory.mktemp("ex"))))
-
-
 class NaNWeightForSecond(LocalExecutor):
     """The real executor; the second candidate's recipe gets huge (finite, so valid) unnormalized weights on one
     layer, which the real merge and forward pass turn into NaN logits."""
@@ -180,15 +159,18 @@ class NaNWeightForSecond(LocalExecutor):
         super().submit(key, recipe, split, **options)
 
 
-def test_nan_logits_fail_only_their_trial_with_the_reason(tmp_path, executor):
-    st = Study(load_study(small_study(tmp_path)), executor=NaNWeightForSecond(executor)).run(6)
-    states = [t.state for t in st.get_trials()]
+def test_nan_logits_fail_only_their_trial_with_the_reason(tmp_path, small_executor):
+    study = Study(load_study(small_study(tmp_path)), executor=NaNWeightForSecond(small_executor))
+    study.run(6)
+    trials = study.store.records()
+    states = [t.state for t in trials]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 5
-    failed = next(t for t in st.get_trials() if t.state == TrialState.FAIL)
-    assert "logits are not finite" in failed.user_attrs[ATTR + "error"]
+    failed = next(t for t in trials if t.state == TrialState.FAIL)
+    assert "logits are not finite" in failed.error
 
 
-def test_after_a_nan_candidate_the_next_candidate_scores_as_if_it_never_happened(executor):
+def test_after_a_nan_candidate_the_next_candidate_scores_as_if_it_never_happened(small_executor):
+    executor = small_executor
     space = Study(executor.cfg, executor=executor).space
     before = executor.evaluate(space.uniform(0.5, 0.5))
     poisoned = space.uniform(0.5, 0.5)
@@ -227,10 +209,12 @@ def test_an_exception_inside_fitness_fails_each_trial_with_its_reason_and_the_st
     data["budget"] = 8
     study.write_text(yaml.safe_dump(data))
     cfg = load_study(study)
-    st = Study(cfg, executor=LocalExecutor(cfg)).run()
-    assert len(st.trials) == 8 and all(t.state == TrialState.FAIL for t in st.trials)
-    assert all(t.user_attrs[ATTR + "error"].startswith("KeyError") for t in st.trials)
-    assert st.user_attrs[ATTR + "optimizer"]["generation"] == 2, "the optimizer went on through two failed generations"
+    st = Study(cfg, executor=LocalExecutor(cfg))
+    st.run()
+    trials = st.store.records()
+    assert len(trials) == 8 and all(t.state == TrialState.FAIL for t in trials)
+    assert all(t.error.startswith("KeyError") for t in trials)
+    assert st.store.get("optimizer")["generation"] == 2, "the optimizer went on through two failed generations"
 
 
 OOM_SCRIPT = """

@@ -8,26 +8,26 @@ import urllib.request
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 from PIL import Image
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.executors import LocalExecutor
 from evomerge.report import plot_path
-from evomerge.study import ATTR, Study
+from evomerge.store import StudyStore
+from evomerge.study import Study
 from evomerge.studyfile import load_study
-from tests.test_reliability import NaNWeightForSecond, small_study
+from tests.conftest import small_study
+from tests.test_reliability import NaNWeightForSecond
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
+def study(tmp_path_factory, small_executor) -> Path:
     """Eight trials, one of them failed, and the final table: everything a report draws."""
     path = small_study(tmp_path_factory.mktemp("report"))
     cfg = load_study(path)
-    s = Study(cfg, executor=NaNWeightForSecond(LocalExecutor(cfg)))
+    s = Study(cfg, executor=NaNWeightForSecond(small_executor))
     s.run(8)
     s.final_table()
     return path
@@ -41,8 +41,8 @@ def report(study) -> Path:
     return out
 
 
-def db(study: Path) -> optuna.Study:
-    return optuna.load_study(study_name="tiny-ps", storage=f"sqlite:///{study.parent / 'tiny-ps.db'}")
+def db(study: Path) -> StudyStore:
+    return StudyStore(f"sqlite:///{study.parent / 'tiny-ps.db'}", "tiny-ps")
 
 
 @pytest.mark.parametrize("name", ["scores.png", "tasks.png", "recipe.png"])
@@ -63,34 +63,34 @@ def test_summary_embeds_every_plot(report):
 def test_summary_counts_and_best_match_the_db(report, study):
     text = (report / "summary.md").read_text()
     st = db(study)
-    best = max((t for t in st.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
+    best = max((t for t in st.records() if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
     assert "- trials: 8 (7 complete, 1 failed, 0 running)" in text
     assert f"- best: trial {best.number}, fitness {best.value:.4f}" in text
-    assert f"- search-space dimension: {st.user_attrs[ATTR + 'dimension']}" in text
+    assert f"- search-space dimension: {st.get('dimension')}" in text
 
 
 def test_summary_top_trials_table_is_the_db_ranking(report, study):
     text = (report / "summary.md").read_text()
     rows = re.findall(r"^\| (\d+) \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", text, re.M)
-    ranked = sorted((t for t in db(study).trials if t.state == TrialState.COMPLETE),
+    ranked = sorted((t for t in db(study).records() if t.state == TrialState.COMPLETE),
                     key=lambda t: (-t.value, t.number))[:5]
     assert [int(r[0]) for r in rows] == [t.number for t in ranked]
     for row, t in zip(rows, ranked):
-        scores = t.user_attrs[ATTR + "scores"]
-        assert int(row[1]) == t.user_attrs[ATTR + "generation"]
+        scores = t.scores
+        assert int(row[1]) == t.generation
         assert float(row[2]) == round(t.value, 4)
         assert (float(row[3]), float(row[4])) == (round(scores["tiny_rot"], 4), round(scores["tiny_up"], 4))
 
 
 def test_summary_test_split_table_matches_the_final_table(report, study):
     text = (report / "summary.md").read_text()
-    for r in db(study).user_attrs[ATTR + "final"]["rows"]:
+    for r in db(study).get("final")["rows"]:
         assert f"| {r['model']} | {r['test']:.4f} |" in text
 
 
 def test_summary_lists_the_failed_trial_and_its_reason(report, study):
-    failed = next(t for t in db(study).trials if t.state == TrialState.FAIL)
-    assert f"- trial {failed.number}: {failed.user_attrs[ATTR + 'error']}" in (report / "summary.md").read_text()
+    failed = next(t for t in db(study).records() if t.state == TrialState.FAIL)
+    assert f"- trial {failed.number}: {failed.error}" in (report / "summary.md").read_text()
 
 
 def test_no_path_diagram_for_a_parameter_space_recipe(report):
@@ -135,7 +135,7 @@ def test_optuna_dashboard_serves_the_study_and_its_trials(study):
     assert len(trials) == 8
     assert sorted(t["state"] for t in trials) == ["Complete"] * 7 + ["Fail"]
     attrs = {a["key"] for a in trials[0]["user_attrs"]}
-    assert {ATTR + "recipe", ATTR + "scores", ATTR + "genome"} <= attrs
+    assert {"evomerge.recipe", "evomerge.scores", "evomerge.genome"} <= attrs  # the names a dashboard user reads
 
 
 def test_status_prints_the_best_recipe_compactly_in_unwrapped_lines(study):

@@ -1,6 +1,5 @@
 """Parents with added tokens: rows aligned by token string (mergekit's tokenizer_source), end to end on the zoo."""
 import json
-import subprocess
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.io import load_state_dict
 from evomerge.merge import Materializer, write_model
 from evomerge.recipe import Recipe
-from tests.conftest import TINY, write_study
+from tests.conftest import TINY, evomerge, write_study
 
 GROUPS = ["embed", "layers.0", "layers.1", "layers.2", "layers.3", "head"]
 ADDED = ["<|im_start|>", "<|im_end|>"]
@@ -37,16 +36,16 @@ def test_rows_are_aligned_by_token_and_added_tokens_take_the_one_model_that_has_
     assert all(torch.allclose(model.state_dict()[k], v, atol=1e-6) for k, v in out.items())
 
 
-def test_parents_with_added_tokens_without_a_tokenizer_source_are_refused_with_the_fix(tmp_path, evomerge_cmd):
+def test_parents_with_added_tokens_without_a_tokenizer_source_are_refused_with_the_fix(tmp_path):
     study = write_study(tmp_path, models={"base": str(TINY / "base"), "parents": [str(TINY / "up"), str(TINY / "chat")]})
-    r = subprocess.run([*evomerge_cmd, "run", str(study)], capture_output=True, text=True)
+    r = evomerge("run", study)
     assert r.returncode == 2 and "lm_head.weight" in r.stderr and "tokenizer_source" in r.stderr
     assert not (tmp_path / "tiny-ps.db").exists()
 
 
 @pytest.mark.parametrize("source", ["union", "base"])
 def test_a_study_with_the_added_token_fine_tune_runs_exports_and_loads_with_plain_transformers(
-        tmp_path, evomerge_cmd, source):
+        tmp_path, source):
     study = write_study(tmp_path, budget=2, optimizer={"name": "cmaes", "popsize": 2},
                         models={"base": str(TINY / "base"), "parents": [str(TINY / "up"), str(TINY / "chat")]},
                         merge={"method": "ties", "tokenizer_source": source},
@@ -54,15 +53,13 @@ def test_a_study_with_the_added_token_fine_tune_runs_exports_and_loads_with_plai
     data = yaml.safe_load(study.read_text())
     data["fitness"].update(limit=10, final_top_k=1)
     study.write_text(yaml.safe_dump(data))
-    run = subprocess.run([*evomerge_cmd, "run", str(study)], capture_output=True, text=True)
+    run = evomerge("run", study)
     assert run.returncode == 0, run.stderr
     for fmt in ("evomerge", "mergekit"):
-        r = subprocess.run([*evomerge_cmd, "export", str(study), "-o", str(tmp_path / f"{fmt}.yaml"), "--format", fmt],
-                           capture_output=True, text=True)
+        r = evomerge("export", study, "-o", tmp_path / f"{fmt}.yaml", "--format", fmt)
         assert r.returncode == 0, r.stderr
         assert f"tokenizer_source: {source}" in (tmp_path / f"{fmt}.yaml").read_text()
-    r = subprocess.run([*evomerge_cmd, "merge", str(tmp_path / "mergekit.yaml"), str(tmp_path / "merged")],
-                       capture_output=True, text=True)
+    r = evomerge("merge", tmp_path / "mergekit.yaml", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
@@ -78,7 +75,7 @@ def test_a_study_with_the_added_token_fine_tune_runs_exports_and_loads_with_plai
 
 
 @pytest.mark.parametrize("value", ["both", "experiments/tiny/nowhere"])
-def test_a_bad_tokenizer_source_exits_2_naming_the_field(tmp_path, evomerge_cmd, value):
+def test_a_bad_tokenizer_source_exits_2_naming_the_field(tmp_path, value):
     study = write_study(tmp_path, merge={"method": "ties", "tokenizer_source": value})
-    r = subprocess.run([*evomerge_cmd, "run", str(study), "--check"], capture_output=True, text=True)
+    r = evomerge("run", study, "--check")
     assert r.returncode == 2 and f"{study}: merge.tokenizer_source" in r.stderr.replace("\n", ""), r.stderr
