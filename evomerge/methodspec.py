@@ -42,10 +42,10 @@ class MethodSpec:
     """A method's contract.
 
     ``params``: per-parent values a recipe gives per merge group (`Param`).  ``options``: global options with
-    defaults.  ``aux``: what the function needs besides the tensors (``keep`` from
-    a magnitude window, ``row_ranks`` from the parents, ``bits`` from the recipe seed).  ``models``: allowed number of
-    parents (min, max).  ``uses_base``: the function works on task vectors and needs a base model.  ``whole_tensor``:
-    the function reduces over the whole tensor (norms), so it cannot run chunk by chunk.
+    defaults.  ``aux``: what the function needs besides the tensors (``keep`` from a magnitude window, ``row_ranks``
+    from the parents, ``bits`` from the recipe seed).  ``models``: allowed number of parents (min, max).
+    ``uses_base``: the function works on task vectors and needs a base model.  ``whole_tensor``: the function reduces
+    over the whole tensor (norms), so it cannot run chunk by chunk.
     """
 
     name: str

@@ -35,6 +35,7 @@ from ..vocab import VocabPlan, align_rows
 CPU_CHUNK, COMPILED_CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 20, 1 << 22
 SAMPLE_FRACTION = 512  # the magnitude index: one entry per 512 entries of a parent,
 INDEX_ENTRY_BYTES = 12  # an fp32 bound and two int32 counts (0.023 byte/param)
+INDEX_CHUNK = 1 << 18  # entries per step while the index counts: its slots and gathers stay a few MB
 _ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -263,16 +264,17 @@ class MagnitudeIndex:
                             torch.full((n, 1), math.inf, device=device)], 1)
         below = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
         upto = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
-        first = torch.searchsorted(bounds, bounds)  # where each bound's value first occurs (samples repeat in bf16)
-        for _, _, base, parents in self.store.chunks(name, row_chunks(shape, self.store.chunk)):
+        first = torch.searchsorted(bounds, bounds, out_int32=True)  # where each bound's value first occurs
+        for _, _, base, parents in self.store.chunks(name, row_chunks(shape, min(self.store.chunk, INDEX_CHUNK))):
             for i, p in enumerate(parents):
                 a = (p.float() - base.float()).abs_()
                 # entry j counts below bound k (resp. at or below) for every k past its slot: the bounds <= a (>= 1,
                 # bounds start at 0) and the bounds < a, the second from the first without another binary search
-                right = torch.searchsorted(bounds[i], a, right=True)
-                left = torch.where(bounds[i][right - 1] == a, first[i][right - 1], right)
+                right = torch.searchsorted(bounds[i], a, right=True, out_int32=True)
                 below[i] += torch.bincount(right, minlength=s + 3)
-                upto[i] += torch.bincount(left, minlength=s + 3)
+                right -= 1  # the last bound <= a; where it equals a, the bounds < a end where its value starts
+                upto[i] += torch.bincount(torch.where(bounds[i][right] == a, first[i][right], right + 1),
+                                          minlength=s + 3)
         count = torch.int32 if m < 2**31 else torch.int64
         self.bounds[name] = bounds
         self.below[name] = below.cumsum(1)[:, :-1].to(count)
