@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -148,3 +150,13 @@ def test_status_prints_the_best_recipe_compactly_in_unwrapped_lines(study):
     assert "best recipe: ties of up, rot on base base" in lines
     groups = [line for line in lines if line.startswith("  layers.0: weight ")]
     assert len(groups) == 1 and ", density " in groups[0]
+
+
+def test_status_reads_the_store_without_lm_eval_or_the_controller_loop(study):
+    """A fresh process, since what counts is what `status` makes Python import."""
+    code = ("import sys; from typer.testing import CliRunner; from evomerge.cli import app; "
+            f"r = CliRunner().invoke(app, ['status', {str(study)!r}]); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('lm_eval', 'evomerge.study', 'evomerge.worker') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
