@@ -36,7 +36,6 @@ class TrialRecord:
     timings: dict[str, float] | None = field(default=None, repr=False)
     wall_s: float | None = None  # from the claim to the stored result
 
-
     @classmethod
     def of(cls, t: FrozenTrial) -> TrialRecord:
         a = {k.removeprefix(ATTR): v for k, v in t.user_attrs.items() if k.startswith(ATTR)}
