@@ -31,10 +31,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402  (after evomerge, which sets how OpenMP threads wait)
+# isort: off
+import evomerge  # noqa: E402,F401  (before torch: it sets how OpenMP threads wait, read when torch loads OpenMP)
+import torch  # noqa: E402
+# isort: on
 import yaml  # noqa: E402
 
-import evomerge  # noqa: E402,F401
 from evomerge.executors import LocalExecutor  # noqa: E402
 from evomerge.study import Study  # noqa: E402
 from evomerge.studyfile import load_study  # noqa: E402
