@@ -34,7 +34,10 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+# isort: off
+import evomerge  # noqa: F401  (before torch, as in a worker: it sets how OpenMP threads wait)
 import torch
+# isort: on
 
 METHODS = (("task_arithmetic", False), ("ties", True), ("dare_ties", True), ("della", True))
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16")}

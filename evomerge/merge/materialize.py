@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import json
 import math
 import os
@@ -95,29 +94,29 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
 
 
 def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
-          keys: tuple[Tensor, Tensor] | None, seeds: Tensor | None, start: int | Tensor, shape: tuple[int, ...],
-          options: dict[str, Any], marks: tuple[Tensor, Tensor, Tensor] | None = None, groups: Tensor | None = None,
-          index: Tensor | None = None) -> Tensor | None:
+          keys: tuple[Tensor, Tensor | None] | None, seeds: Tensor | None, start: int | Tensor,
+          shape: tuple[int, ...], options: dict[str, Any], marks: tuple[Tensor, Tensor, Tensor] | None = None,
+          groups: Tensor | None = None, index: Tensor | None = None) -> Tensor | None:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
-    Everything a selection needs is computed here from the chunk's position (``start``, or the entries' `index`), so
-    nothing per element is stored between candidates and the compiled form is one fused pass.  With `marks` (lo,
-    hi [N, T], a preallocated mask) it also marks the entries whose |delta| lies strictly inside one of those brackets,
-    and with `groups` [N, T] returns how many entries equal each (see ``parents.Selection``)."""
+    Everything a selection needs is computed here from the chunk's position (``start``), so nothing per element is
+    stored between candidates and the compiled form is one fused pass.  `keys`: thresholds (values, None) or exact
+    keys (values, positions) of the entries at `index` (see ``keep_from_keys``).  With `marks` (lo, hi [N, T], a
+    preallocated float16 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
+    |delta| lies strictly inside one of those brackets, and with `groups` [N, T] returns how many entries equal each
+    (see ``parents.Selection``)."""
     b = base.float() if base is not None else None
     xs = [p.float() - b if b is not None and method.uses_base else p.float() for p in parents]
     length = xs[0].shape[0]
     aux: dict[str, list[Tensor] | Tensor] = {}
     counts = None
     if keys is not None:
-        if index is None:  # int32 where positions fit: twice the lanes of int64
-            index = torch.arange(length, dtype=keys[1].dtype, device=xs[0].device) + start
         magnitudes = [x.abs() for x in xs]
-        aux["keep"] = keep_from_keys(magnitudes, index, *keys)
+        aux["keep"] = keep_from_keys(magnitudes, keys[0], keys[1], index)
         if marks is not None:
             lo, hi, mask = marks
-            marked = [(a > lo[i, t]) & (a < hi[i, t]) for i, a in enumerate(magnitudes) for t in range(lo.shape[1])]
-            mask.copy_(functools.reduce(torch.logical_or, marked))
+            mask.copy_(sum(((a > lo[i, t]) & (a < hi[i, t])).to(mask.dtype) for i, a in enumerate(magnitudes)
+                           for t in range(lo.shape[1])))
         if groups is not None:
             counts = torch.stack([(a == groups[i, t]).sum(dtype=torch.int32) for i, a in enumerate(magnitudes)
                                   for t in range(groups.shape[1])]).reshape(groups.shape)
@@ -208,19 +207,27 @@ class Merger:
                 lo, hi = method.select(m, p["density"].cpu(), p.get("gamma", p["density"]).cpu())
                 ranks = lo[:, None] if bool((hi >= m).all()) else torch.stack([lo, hi], 1)  # TIES: up to the top
                 selection = self.index.select(name, m, ranks)
-            keys = (selection.values, selection.positions) if selection else None
             marked = []
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
-                marks = groups = None
-                if selection and selection.marked:
-                    marks = (selection.lo, selection.hi, self._mask_buffer(e - s))
-                if selection and selection.ties:
-                    groups = selection.groups
+                marks = groups = keys = None
+                if selection:
+                    keys = (selection.thresholds(s), None)
+                    if selection.marked:
+                        marks = (selection.lo, selection.hi, self._mask_buffer(e - s))
+                    if selection.ties:
+                        groups = selection.groups
                 args = (out[s:e], method, b, ps, p, keys, seeds, torch.tensor(s), shape, options, marks, groups)
                 counts = self._run(method, args)
-                if counts is not None and selection.advance(s, counts.cpu(), b, ps,
-                                                            shape[-1] if len(shape) > 1 else e - s, self._count_rows):
-                    self._run(method, args[:-1])  # the chunk where a group reached its rank, with its key now known
+                if counts is not None:
+                    found = selection.advance(s, counts.cpu(), b, ps, shape[-1] if len(shape) > 1 else e - s,
+                                              self._count_rows)
+                    # a group reached its rank at position q: from q on, its entries are kept; merge again from the
+                    # first such q to the end, in stretches that lie on one side of every key's position
+                    for q, r in zip(found, found[1:] + [e]):
+                        part = slice(q - s, r - s)
+                        self._run(method, (out[q:r], method, b[part] if b is not None else None,
+                                           [x[part] for x in ps], p, (selection.thresholds(q), None), seeds,
+                                           torch.tensor(q), shape, options))
                 if marks is not None:
                     marked.append(marks[2].nonzero().squeeze(1) + s)
             if marked:
@@ -241,7 +248,7 @@ class Merger:
     def _mask_buffer(self, length: int) -> Tensor:
         """A reused mask for the entries a chunk marks: allocating one per chunk costs page faults on CPU."""
         if self._mask is None or self._mask.numel() < length:
-            self._mask = torch.empty(length, dtype=torch.bool, device=self.device)
+            self._mask = torch.empty(length, dtype=torch.float32, device=self.device)
         return self._mask[:length]
 
     def _run(self, method: MergeMethod, args: tuple) -> Tensor | None:

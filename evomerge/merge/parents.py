@@ -189,7 +189,7 @@ class Selection:
     A rank whose bracket starts with a group of equal magnitudes holding it (``ties``: rank among the group) gets the
     key (value, position of that entry): the kernel counts the group's entries (`groups`: its value, NaN where none)
     chunk by chunk and, until the count reaches the rank, no entry of the group is kept; `advance` then finds the
-    position, and the chunk where that happened is merged again.  A rank above the group (``marked``: rank
+    position, and the chunk where that happened is merged again from there on.  A rank above the group (``marked``: rank
     among and count of the entries strictly inside the bracket) keeps, provisionally, everything above the group; the
     kernel marks the entries inside (`lo`, `hi`: open bounds, empty where none), ``MagnitudeIndex.resolve`` finds the
     key among them, and they are merged again."""
@@ -203,12 +203,19 @@ class Selection:
     ties: dict[tuple[int, int], int]
     seen: dict[tuple[int, int], int] = field(default_factory=dict)
 
+    def thresholds(self, start: int) -> Tensor:
+        """The keys as thresholds for a stretch starting at `start` that no key's position falls inside: an entry at or
+        past a key's position is kept from its value up (|d| >= value), one before it only above (|d| > value)."""
+        above = torch.nextafter(self.values, self.values.new_tensor(math.inf))
+        return torch.where(self.positions <= start, self.values, above)
+
     def advance(self, start: int, counts: Tensor, base: Tensor, parents: list[Tensor], cols: int,
-                count_rows: Callable[[Tensor, Tensor, Tensor, int], Tensor]) -> bool:
+                count_rows: Callable[[Tensor, Tensor, Tensor, int], Tensor]) -> list[int]:
         """After the chunk at `start` (whole rows of `cols`) was merged with `counts` [N, T] of each pending group's
-        entries in it: where a group reached its rank here, its key takes that entry's position; True when the chunk
-        must be merged again.  `count_rows`: per row, the entries equal to a value."""
-        crossed = False
+        entries in it: where a group reached its rank here, its key takes that entry's position.  Returns those
+        positions, ascending: from each on, the chunk must be merged again.  `count_rows`: per row, the entries
+        equal to a value."""
+        found = set()
         for key, rank in list(self.ties.items()):
             i, t = key
             before = self.seen.get(key, 0)
@@ -220,11 +227,12 @@ class Selection:
             skip = rank - before - (int(total[r - 1]) if r else 0)
             row = slice(r * cols, (r + 1) * cols)
             group = torch.nonzero(equal_magnitude(parents[i][row], base[row], self.values[i, t])).squeeze(1)
-            self.positions[i, t] = start + r * cols + int(group[skip])
+            position = start + r * cols + int(group[skip])
+            self.positions[i, t] = position
             self.groups[i, t] = math.nan
             del self.ties[key]
-            crossed = True
-        return crossed
+            found.add(position)
+        return sorted(found)
 
 
 def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor) -> Tensor:
