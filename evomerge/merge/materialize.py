@@ -102,7 +102,7 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
     Everything a selection needs is computed here from the chunk's position (``start``), so nothing per element is
     stored between candidates and the compiled form is one fused pass.  `keys`: thresholds (values, None) or exact
     keys (values, positions) of the entries at `index` (see ``keep_from_keys``).  With `marks` (lo, hi [N, T], a
-    preallocated float16 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
+    preallocated float32 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
     |delta| lies strictly inside one of those brackets, and with `groups` [N, T] returns how many entries equal each
     (see ``parents.Selection``)."""
     b = base.float() if base is not None else None
@@ -221,8 +221,8 @@ class Merger:
                 if counts is not None:
                     found = selection.advance(s, counts.cpu(), b, ps, shape[-1] if len(shape) > 1 else e - s,
                                               self._count_rows)
-                    # a group reached its rank at position q: from q on, its entries are kept; merge again from the
-                    # first such q to the end, in stretches that lie on one side of every key's position
+                    # a group reached its rank at position q, so its key changes there: merge again from the first
+                    # such q to the end, in stretches that lie on one side of every key's position
                     for q, r in zip(found, found[1:] + [e]):
                         part = slice(q - s, r - s)
                         self._run(method, (out[q:r], method, b[part] if b is not None else None,

@@ -189,10 +189,10 @@ class Selection:
     A rank whose bracket starts with a group of equal magnitudes holding it (``ties``: rank among the group) gets the
     key (value, position of that entry): the kernel counts the group's entries (`groups`: its value, NaN where none)
     chunk by chunk and, until the count reaches the rank, no entry of the group is kept; `advance` then finds the
-    position, and the chunk where that happened is merged again from there on.  A rank above the group (``marked``: rank
-    among and count of the entries strictly inside the bracket) keeps, provisionally, everything above the group; the
-    kernel marks the entries inside (`lo`, `hi`: open bounds, empty where none), ``MagnitudeIndex.resolve`` finds the
-    key among them, and they are merged again."""
+    position, and the chunk where that happened is merged again from there on.  A rank above the group (``marked``:
+    rank among and count of the entries strictly inside the bracket) keeps, provisionally, everything above the group;
+    the kernel marks the entries inside (`lo`, `hi`: open bounds, empty where none), ``MagnitudeIndex.resolve`` finds
+    the key among them, and they are merged again."""
 
     values: Tensor
     positions: Tensor
