@@ -99,8 +99,8 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
           groups: Tensor | None = None, index: Tensor | None = None) -> Tensor | None:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
-    Everything a selection needs is computed here from the chunk's position (``start``), so nothing per element is
-    stored between candidates and the compiled form is one fused pass.  `keys`: thresholds (values, None) or exact
+    Nothing per element is stored between candidates (random bits come from the chunk's position, ``start``), and
+    the compiled form is one fused pass.  `keys`: thresholds (values, None) or exact
     keys (values, positions) of the entries at `index` (see ``keep_from_keys``).  With `marks` (lo, hi [N, T], a
     preallocated float32 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
     |delta| lies strictly inside one of those brackets, and with `groups` [N, T] returns how many entries equal each
@@ -208,26 +208,28 @@ class Merger:
                 ranks = lo[:, None] if bool((hi >= m).all()) else torch.stack([lo, hi], 1)  # TIES: up to the top
                 selection = self.index.select(name, m, ranks)
             marked = []
+
+            def stretch(s: int, b: Tensor | None, ps: list[Tensor], q: int, r: int, marks=None, groups=None):
+                """Merge entries [q, r) of the chunk at `s` (base `b`, parents `ps`) with the keys in force there."""
+                cut = slice(q - s, r - s)
+                keys = (selection.thresholds(q), None) if selection else None
+                return self._run(method, (out[q:r], method, b[cut] if b is not None else None, [x[cut] for x in ps],
+                                          p, keys, seeds, torch.tensor(q), shape, options, marks, groups))
+
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
-                marks = groups = keys = None
-                if selection:
-                    keys = (selection.thresholds(s), None)
-                    if selection.marked:
-                        marks = (selection.lo, selection.hi, self._mask_buffer(e - s))
-                    if selection.ties:
-                        groups = selection.groups
-                args = (out[s:e], method, b, ps, p, keys, seeds, torch.tensor(s), shape, options, marks, groups)
-                counts = self._run(method, args)
+                marks = groups = None
+                if selection and selection.marked:
+                    marks = (selection.lo, selection.hi, self._mask_buffer(e - s))
+                if selection and selection.ties:
+                    groups = selection.groups
+                counts = stretch(s, b, ps, s, e, marks, groups)
                 if counts is not None:
                     found = selection.advance(s, counts.cpu(), b, ps, shape[-1] if len(shape) > 1 else e - s,
                                               self._count_rows)
                     # a group reached its rank at position q, so its key changes there: merge again from the first
                     # such q to the end, in stretches that lie on one side of every key's position
                     for q, r in zip(found, found[1:] + [e]):
-                        part = slice(q - s, r - s)
-                        self._run(method, (out[q:r], method, b[part] if b is not None else None,
-                                           [x[part] for x in ps], p, (selection.thresholds(q), None), seeds,
-                                           torch.tensor(q), shape, options))
+                        stretch(s, b, ps, q, r)
                 if marks is not None:
                     marked.append(marks[2].nonzero().squeeze(1) + s)
             if marked:

@@ -202,12 +202,15 @@ class Selection:
     marked: dict[tuple[int, int], tuple[int, int]]
     ties: dict[tuple[int, int], int]
     seen: dict[tuple[int, int], int] = field(default_factory=dict)
+    above: Tensor = field(init=False, repr=False)  # the next float above each value: the thresholds before a position
+
+    def __post_init__(self) -> None:
+        self.above = torch.nextafter(self.values, self.values.new_tensor(math.inf))
 
     def thresholds(self, start: int) -> Tensor:
         """The keys as thresholds for a stretch starting at `start` that no key's position falls inside: an entry at or
         past a key's position is kept from its value up (|d| >= value), one before it only above (|d| > value)."""
-        above = torch.nextafter(self.values, self.values.new_tensor(math.inf))
-        return torch.where(self.positions <= start, self.values, above)
+        return torch.where(self.positions <= start, self.values, self.above)
 
     def advance(self, start: int, counts: Tensor, base: Tensor, parents: list[Tensor], cols: int,
                 count_rows: Callable[[Tensor, Tensor, Tensor, int], Tensor]) -> list[int]:
