@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -139,6 +140,8 @@ def run(
     cfg = _load(study_file, task_search_path, device_memory)
     total = budget or cfg.budget
     study = None
+    _INTERRUPTS.clear()
+    previous = signal.signal(signal.SIGINT, _on_sigint)
     try:  # whatever ends the run (done, a bad input, Ctrl-C), the executor's workers are shut down
         try:
             study = Study(cfg, storage)
@@ -151,8 +154,25 @@ def run(
         err.print(f"interrupted at {done}/{total} trials; re-run the same command to resume", highlight=False)
         raise typer.Exit(130) from None
     finally:
+        signal.signal(signal.SIGINT, previous)
         if study is not None:
             study.executor.close()
+
+
+_INTERRUPTS: list[int] = []
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C during `run`: remembered as well as raised.  Python raises KeyboardInterrupt wherever the main thread
+    is, and inside a weakref callback or a ``__del__`` it is printed and ignored, so the run would go on to its end;
+    the loop raises it again after the next trial (`_stop_if_interrupted`)."""
+    _INTERRUPTS.append(signum)
+    raise KeyboardInterrupt
+
+
+def _stop_if_interrupted() -> None:
+    if _INTERRUPTS:
+        raise KeyboardInterrupt
 
 
 def _run(study, total: int, study_file: Path) -> None:
@@ -173,7 +193,7 @@ def _run(study, total: int, study_file: Path) -> None:
     if done:
         out.print(f"resuming study {cfg.study}: {done} of {total} trials done")
     with trial_bar(total, done) as update:
-        study.run(total, on_trial=lambda p: update(p.done, p.best))
+        study.run(total, on_trial=lambda p: (_stop_if_interrupted(), update(p.done, p.best)))
         done = study.store.finished()
         best = study.store.best()
         update(min(done, total), best.value if best else None)
