@@ -7,16 +7,16 @@ The second form is the device check: a Mistral-7B-shaped model (7.24B params) bu
 per line also the device's bytes/param (allocated after the first candidate, and its peak).
 
 Builds a Llama-shaped model of random weights in `--dtype` in a temp dir (no downloads): base + parents, each parent
-the base plus small noise.  Then, for each mode, in a fresh process (so each has its own baseline), it loads the
-parents as a study's worker does (``resident``: copied at their stored size; ``streaming``: mapped from the files)
-and measures:
+the base plus small noise.  Then, for each mode, it loads the parents as a study's worker does (``resident``: copied
+at their stored size; ``streaming``: mapped from the files) and measures:
 
-* memory — RssAnon (anonymous memory: the mapped parents' file pages are not counted) above the process's
-  baseline before loading, per parameter: after each method's first candidate (``resident_bytes_per_param``) and
-  the peak since loading began, sampled every millisecond (``peak_bytes_per_param``);
-* time, best of several round-robin repeats — ``copy`` (``target.copy_(base)`` for every tensor at the stored dtype:
-  one read + one write of the model, the floor), then ``Materializer.materialize`` of a per-layer recipe for
-  task_arithmetic, ties, dare_ties and della.
+* memory, one fresh process per method (a worker runs one method: its own baseline, and no other method's kernels
+  or index) — RssAnon (anonymous memory: the mapped parents' file pages are not counted) above the process's
+  baseline before loading, per parameter: after the method's first candidate (``resident_bytes_per_param``) and the
+  peak since loading began, sampled every millisecond (``peak_bytes_per_param``);
+* time, in one more process, best of several round-robin repeats — ``copy`` (``target.copy_(base)`` for every tensor
+  at the stored dtype: one read + one write of the model, the floor), then ``Materializer.materialize`` of a
+  per-layer recipe for task_arithmetic, ties, dare_ties and della.
 
 Bandwidth counts the bytes each must move at least at the stored dtype (copy: 2 × model; a merge of N parents:
 (N + 2) × model — N parents and the base read, the model written), so "≥ 0.5× copy bandwidth" means the merge streams
@@ -83,7 +83,8 @@ def build(root: Path, config: dict, parents: int, device: str) -> tuple[str, lis
 
 
 def child(args: argparse.Namespace) -> None:
-    """One mode in this process: memory lines, then timings as JSON on the last line."""
+    """One mode in this process: with `--timing`, the methods' times as JSON on the last line; without, the memory
+    line of each method (one, in the parent's use)."""
     from evomerge.merge import Materializer
     from evomerge.merge.plan import AnonPeak, rss_anon
     from evomerge.recipe import Recipe
@@ -119,8 +120,9 @@ def child(args: argparse.Namespace) -> None:
                 groups[g] = values
             return Recipe(method, mat.parent_paths, groups, mat.base_path, seed=3, dtype=mat.dtype)
 
-        print(f"mode {args.mode}: {n_params / 1e6:.0f}M params {mat.dtype}, {n} parents + base; threads "
-              f"{torch.get_num_threads()}; compile {mat.compile}; load {load_s:.1f} s", flush=True)
+        if args.timing:
+            print(f"mode {args.mode}: {n_params / 1e6:.0f}M params {mat.dtype}, {n} parents + base; threads "
+                  f"{torch.get_num_threads()}; compile {mat.compile}; load {load_s:.1f} s", flush=True)
         runs: dict[str, Callable[[], object]] = {}
         for method, density in methods:
             t0 = time.perf_counter()
@@ -130,10 +132,13 @@ def child(args: argparse.Namespace) -> None:
             resident = (rss_anon() - baseline) / n_params
             device = (f" device_bytes_per_param={torch.cuda.memory_allocated() / n_params:.2f}"
                       f" device_peak_bytes_per_param={torch.cuda.max_memory_allocated() / n_params:.2f}" if cuda else "")
-            print(f"mode={args.mode} method={method} resident_bytes_per_param={resident:.2f} "
-                  f"peak_bytes_per_param={(peak.peak - baseline) / n_params:.2f}{device}  (first call {first:.1f} s)",
-                  flush=True)
+            if not args.timing:
+                print(f"mode={args.mode} method={method} resident_bytes_per_param={resident:.2f} "
+                      f"peak_bytes_per_param={(peak.peak - baseline) / n_params:.2f}{device}  (first call {first:.1f} "
+                      "s)", flush=True)
             runs[method] = lambda m=method, d=density: mat.materialize(recipe(m, d))
+    if not args.timing:
+        return
     sources = list(mat.store.models[0].values())
     targets = [mat._targets[k] for k in mat.store.models[0]]
 
@@ -189,6 +194,7 @@ def main() -> None:
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--parent-paths", help=argparse.SUPPRESS)
+    ap.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
         child(args)
@@ -201,12 +207,17 @@ def main() -> None:
         base, parents = build(Path(tmp), config, args.parents, args.device)
         print(f"built base + {len(parents)} parents ({args.dtype}) in {time.perf_counter() - t0:.0f} s", flush=True)
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--mode", mode, "--base", base, "--parent-paths", ",".join(parents),
-                   "--repeats", str(args.repeats), "--device", args.device, "--methods", args.methods]
-            proc = subprocess.run(cmd + (["--eager"] if args.eager else []), stdout=subprocess.PIPE, text=True,
-                                  check=True)
-            lines = proc.stdout.strip().splitlines()
+            def run(methods: str, *extra: str) -> list[str]:
+                cmd = [sys.executable, __file__, "--mode", mode, "--base", base, "--parent-paths", ",".join(parents),
+                       "--repeats", str(args.repeats), "--device", args.device, "--methods", methods, *extra]
+                proc = subprocess.run(cmd + (["--eager"] if args.eager else []), stdout=subprocess.PIPE, text=True,
+                                      check=True)
+                return proc.stdout.strip().splitlines()
+
+            lines = run(args.methods, "--timing")
             print("\n".join(lines[:-1]), flush=True)
+            for method in args.methods.split(","):
+                print("\n".join(run(method)), flush=True)
             result = json.loads(lines[-1])
             report(mode, result["best"], result["model_bytes"], result["n"], result["methods"])
 

@@ -75,6 +75,22 @@ def zoos(tiny, bf16_zoo):
     return {"tiny": (str(tiny / "base"), [str(tiny / "up"), str(tiny / "rot")]), "bf16": bf16_zoo}
 
 
+@pytest.mark.parametrize("mode", ["resident", "streaming"])
+def test_dellas_row_rank_table_is_each_rows_stable_sort_of_the_task_vectors(mode, bf16_zoo):
+    base, parents = bf16_zoo
+    mat = Materializer(base, parents, mode=mode)
+    mat.prepare(METHODS["della"])
+    assert mat.ranks.nbytes == 2 * len(parents) * sum(math.prod(shape) for shape in mat.shapes.values())
+    b = load_state_dict(base)
+    for i, p in enumerate(load_state_dict(q) for q in parents):
+        for name, planes in mat.ranks.table.items():
+            delta = (p[name].float() - b[name].float()).reshape(-1, p[name].shape[-1])
+            order = torch.argsort(delta.abs(), dim=1, stable=True)
+            ranks = planes[i][0].long() * 256 + planes[i][1].long()
+            assert torch.equal(ranks.reshape(delta.shape).gather(1, order),
+                               torch.arange(delta.shape[1]).expand_as(order)), name
+
+
 @pytest.mark.parametrize("zoo", ["tiny", "bf16"])
 @pytest.mark.parametrize("mode", ["resident", "streaming"])
 def test_every_methods_candidate_is_the_streamed_export_bit_for_bit(zoo, mode, tiny, bf16_zoo, tmp_path):

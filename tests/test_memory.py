@@ -82,6 +82,20 @@ def test_the_plan_streams_when_resident_does_not_fit_and_obeys_the_study(tiny):
         plan_memory(base, parents, cpu, method_selects=True, budget_bytes=squeezed.device_bytes - 1)
 
 
+
+def test_the_plan_keeps_dellas_row_rank_table_where_it_fits_and_sorts_per_candidate_where_not(tiny):
+    base, parents = str(tiny / "base"), [str(tiny / "up"), str(tiny / "rot")]
+    cpu = torch.device("cpu")
+    table = plan_memory(base, parents, cpu, method_selects=False, method_ranks=True)
+    assert table.mode == "resident" and table.row_ranks == "table"
+    assert table.rank_bytes == 2 * len(parents) * table.params and "a table of" in table.describe()
+    sorted_ = plan_memory(base, parents, cpu, method_selects=False, method_ranks=True,
+                          budget_bytes=table.device_bytes - 1)
+    assert (sorted_.mode, sorted_.row_ranks, sorted_.rank_bytes) == ("resident", "sorted", 0)
+    assert "sorted per candidate" in sorted_.describe()
+    assert plan_memory(base, parents, cpu, method_selects=False).row_ranks is None
+
+
 _CHILD = textwrap.dedent("""
     import json, sys, torch
     from evomerge.merge import Materializer

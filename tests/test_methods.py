@@ -20,8 +20,9 @@ from evomerge.merge.methods import (
     outlier_window,
     passthrough,
     random_bits,
-    row_rank_fractions,
+    rank_fractions,
     slerp,
+    sort_row_ranks,
     task_arithmetic,
     tensor_seeds,
     ties,
@@ -132,7 +133,7 @@ def test_della_keeps_large_entries_more_often_and_keeps_the_expectation():
     m = 200_000
     deltas = torch.linspace(0.1, 0.3, m)[None, :]
     out = della_linear(torch.zeros(m), deltas, torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.4]),
-                       row_ranks=row_rank_fractions(deltas, (m,)), bits=bits(m))
+                       row_ranks=rank_fractions(sort_row_ranks(deltas, m), torch.tensor(m - 1.0)), bits=bits(m))
     kept = (out != 0).float()
     assert kept[: m // 10].mean().item() < 0.2 and kept[-m // 10:].mean().item() > 0.8
     assert out.mean().item() == pytest.approx(deltas.mean().item(), rel=0.02)

@@ -48,11 +48,12 @@ from .methods import (
     apply,
     keep_from_keys,
     random_bits,
-    row_rank_fractions,
+    rank_fractions,
+    sort_row_ranks,
     tensor_seeds,
     validate,
 )
-from .parents import MagnitudeIndex, ParentStore, Selection, chunk_size, count_equal_rows, row_chunks
+from .parents import MagnitudeIndex, ParentStore, RowRanks, Selection, chunk_size, count_equal_rows, row_chunks
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 COMPILE_MIN_PARAMS = 50_000_000
@@ -96,7 +97,8 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
 def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
           keys: tuple[Tensor, Tensor | None] | None, seeds: Tensor | None, start: int | Tensor,
           shape: tuple[int, ...], options: dict[str, Any], marks: tuple[Tensor, Tensor, Tensor] | None = None,
-          groups: Tensor | None = None, index: Tensor | None = None) -> Tensor | None:
+          groups: Tensor | None = None, index: Tensor | None = None,
+          ranks: tuple[list[tuple[Tensor, Tensor]] | None, Tensor] | None = None) -> Tensor | None:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
     Nothing per element is stored between candidates (random bits come from the chunk's position, ``start``), and
@@ -104,7 +106,8 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
     keys (values, positions) of the entries at `index` (see ``keep_from_keys``).  With `marks` (lo, hi [N, T], a
     preallocated float32 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
     |delta| lies strictly inside one of those brackets, and with `groups` [N, T] returns how many entries equal each
-    (see ``parents.Selection``)."""
+    (see ``parents.Selection``).  `ranks` (DELLA): the chunk's row ranks from the worker's table (None: sorted
+    here) and a row's largest rank as a 0-d fp32 tensor."""
     b = base.float() if base is not None else None
     xs = [p.float() - b if b is not None and method.uses_base else p.float() for p in parents]
     length = xs[0].shape[0]
@@ -122,8 +125,10 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
                                   for t in range(groups.shape[1])]).reshape(groups.shape)
     if seeds is not None:
         aux["bits"] = random_bits(seeds, length, start)
-    if "row_ranks" in method.aux:
-        aux["row_ranks"] = row_rank_fractions(xs, shape)
+    if ranks is not None:
+        table, top = ranks
+        cols = shape[-1] if len(shape) > 1 else length
+        aux["row_ranks"] = rank_fractions(table if table is not None else sort_row_ranks(xs, cols), top)
     out.copy_(apply(method, b, xs, params, aux, options))
     return counts
 
@@ -145,10 +150,13 @@ class Merger:
 
     `compile`: fuse each method into one kernel with ``torch.compile`` (default: when the model has at least 50M
     parameters and a compiler is available; eager otherwise, and eager if compiling fails).  `tokenizer_source`:
-    parents with added tokens have their embedding and head rows aligned into that vocabulary (``vocab.py``)."""
+    parents with added tokens have their embedding and head rows aligned into that vocabulary (``vocab.py``).
+    `rank_table`: DELLA methods keep every entry's row rank in a table (2 bytes/param per parent, built once) instead
+    of sorting each row for each candidate — what a worker wants when its memory plan has room, not a one-off export."""
 
     def __init__(self, base: str | None, parents: list[str], device: torch.device | str = "cpu",
-                 mode: str = "resident", compile: bool | None = None, tokenizer_source: str | None = None):
+                 mode: str = "resident", compile: bool | None = None, tokenizer_source: str | None = None,
+                 rank_table: bool = False):
         self.base_path = base
         self.parent_paths = list(parents)
         self.device = torch.device(device)
@@ -168,16 +176,21 @@ class Merger:
             self.shapes.update(self.store.align_vocab(self.vocab, infos[0]))
             self.config["vocab_size"] = self.vocab.size
         self.index: MagnitudeIndex | None = None
+        self.rank_table = rank_table
+        self.ranks: RowRanks | None = None
         self._kernels: dict[str, Callable[..., None]] = {}
         self._count_rows = torch.compile(count_equal_rows, dynamic=True) if self.compile else count_equal_rows
         self._mask: Tensor | None = None
 
     def prepare(self, method: MergeMethod) -> float:
-        """Build, once per worker, the magnitude index a selecting method needs; returns the seconds it took."""
+        """Build, once per worker, the magnitude index a selecting method needs (or DELLA's rank table, when this
+        merger keeps one); returns the seconds it took."""
         t0 = time.perf_counter()
-        if method.select is not None and self.index is None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if method.select is not None and self.index is None:
                 self.index = MagnitudeIndex(self.store, self.shapes)
+            if "row_ranks" in method.aux and self.rank_table and self.ranks is None:
+                self.ranks = RowRanks(self.store, self.shapes)
         return time.perf_counter() - t0
 
     def _kernel(self, method: MergeMethod) -> Callable[..., None]:
@@ -201,6 +214,9 @@ class Merger:
             out = write(name)
             p = params[owner[name]]
             seeds = tensor_seeds(recipe.seed, name, n, self.device) if method.random else None
+            table = self.ranks.table[name] if self.ranks is not None and "row_ranks" in method.aux else None
+            top = (torch.tensor(float(max((shape[-1] if len(shape) > 1 else math.prod(shape)) - 1, 1)),
+                                device=self.device) if "row_ranks" in method.aux else None)
             selection = None
             if method.select is not None:
                 m = math.prod(shape)
@@ -213,8 +229,10 @@ class Merger:
                 """Merge entries [q, r) of the chunk at `s` (base `b`, parents `ps`) with the keys in force there."""
                 cut = slice(q - s, r - s)
                 keys = (selection.thresholds(q), None) if selection else None
+                ranks = (([(hi[q:r], lo[q:r]) for hi, lo in table] if table is not None else None, top)
+                         if top is not None else None)
                 return self._run(method, (out[q:r], method, b[cut] if b is not None else None, [x[cut] for x in ps],
-                                          p, keys, seeds, torch.tensor(q), shape, options, marks, groups))
+                                          p, keys, seeds, torch.tensor(q), shape, options, marks, groups, None, ranks))
 
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
                 marks = groups = None
@@ -269,12 +287,13 @@ class Materializer(Merger):
     """Holds the parents of one study and writes any of its recipes into one preallocated model, in place.
 
     `dtype`: the model's (default: the parents' stored dtype).  `mode`: ``resident`` (parents copied to the device at
-    their stored size) or ``streaming`` (mapped from their files, streamed chunk by chunk)."""
+    their stored size) or ``streaming`` (mapped from their files, streamed chunk by chunk).  `rank_table`: see
+    `Merger`; on by default, as a worker merges many candidates."""
 
     def __init__(self, base: str | None, parents: list[str], device: torch.device | str = "cpu",
                  dtype: str | None = None, compile: bool | None = None, mode: str = "resident",
-                 tokenizer_source: str | None = None):
-        super().__init__(base, parents, device, mode, compile, tokenizer_source)
+                 tokenizer_source: str | None = None, rank_table: bool = True):
+        super().__init__(base, parents, device, mode, compile, tokenizer_source, rank_table)
         self.dtype = dtype or stored_size(base or self.parent_paths[0])[2]
         self.model = AutoModelForCausalLM.from_pretrained(
             base or self.parent_paths[0], dtype=TORCH_DTYPES[self.dtype], trust_remote_code=False

@@ -18,9 +18,10 @@ the expectation of every entry) or ``l1`` (current mergekit: scale survivors so 
 A magnitude selection (TIES, breadcrumbs) declares the window of magnitude ranks it keeps per parent (``select``:
 ``topk_window``, ``outlier_window``); the merge engine turns that window into a ``keep`` mask with mergekit's exact
 top-k count and tie order, without a per-element table (see ``parents.MagnitudeIndex``).  ``magnitude_keep`` is the
-same mask from a full sort, the reference the engine is tested against.  Random drops (``bits``) and DELLA's row
-ranks are computed where they are used, chunk by chunk: a counter-based hash of (seed, tensor name, parent, element
-index), so the search's candidate and the exported model are the same weights, in any order, on any device.
+same mask from a full sort, the reference the engine is tested against.  Random drops (``bits``) are computed where
+they are used, chunk by chunk: a counter-based hash of (seed, tensor name, parent, element index), so the search's
+candidate and the exported model are the same weights, in any order, on any device.  DELLA's row ranks depend on the
+parents only: a worker sorts them once into a table (``parents.RowRanks``), the export sorts each chunk's rows.
 """
 from __future__ import annotations
 
@@ -65,18 +66,27 @@ def magnitude_ranks(deltas: Tensor) -> Tensor:
     return ranks
 
 
-def row_rank_fractions(deltas: Parents, shape: tuple[int, ...]) -> list[Tensor]:
-    """DELLA's MagPrune ranks: each entry's magnitude rank within its row of the original tensor, scaled to [0, 1]."""
+def sort_row_ranks(deltas: Parents, cols: int) -> list[tuple[Tensor, Tensor]]:
+    """DELLA's MagPrune order: each entry's magnitude rank within its row of `cols` entries (0 = smallest, ties by
+    position: a stable sort's order), as two planes, rank = 256 * high + low.  uint8 planes (the high one int32 for
+    rows over 2**16 entries): 2 bytes/param per parent, which a worker keeps as a table since the ranks depend on the
+    parents only — and the compiled CPU kernel vectorizes uint8 loads where it runs int16 ones one at a time."""
+    high = torch.uint8 if cols <= 2**16 else torch.int32
     out = []
     for d in deltas:
-        cols = shape[-1] if len(shape) > 1 else d.shape[0]
-        rows = d.reshape(-1, cols).abs()
-        order = torch.argsort(rows, dim=1, stable=True)
-        ranks = torch.empty_like(rows)
-        steps = torch.arange(cols, dtype=rows.dtype, device=rows.device) / max(cols - 1, 1)
-        ranks.scatter_(1, order, steps.expand_as(order))
-        out.append(ranks.reshape(-1))
+        order = torch.argsort(d.reshape(-1, cols).abs(), dim=1, stable=True)
+        ranks = torch.empty_like(order, dtype=torch.int32)
+        ranks.scatter_(1, order, torch.arange(cols, dtype=torch.int32, device=d.device).expand_as(order))
+        ranks = ranks.reshape(-1)
+        out.append(((ranks >> 8).to(high), (ranks & 255).to(torch.uint8)))
     return out
+
+
+def rank_fractions(ranks: list[tuple[Tensor, Tensor]], top: Tensor) -> list[Tensor]:
+    """Row ranks (`sort_row_ranks`' planes) scaled to [0, 1] (`top`: a row's largest rank, fp32).  Divided by a
+    tensor, not a number: the compiler turns a division by a constant into a multiplication by its rounded
+    reciprocal, which eager does not."""
+    return [(high.float() * 256 + low.float()) / top for high, low in ranks]
 
 
 def tensor_seeds(seed: int, name: str, n: int, device: torch.device | str = "cpu") -> Tensor:
@@ -107,9 +117,14 @@ def random_bits(seeds: Tensor, m: int, start: int | Tensor = 0) -> Tensor:
 
 
 def _keep_random(bits: Tensor, probability: Tensor) -> Tensor:
-    """Bernoulli(probability) keep mask from 31-bit `bits`; `probability` broadcasts against [N, M]."""
-    last_kept = ((probability.double().clamp(0, 1) * 2.0**31).floor() - 1).to(bits.dtype)  # fits int32 at p=1
-    return bits <= last_kept
+    """Bernoulli(probability) keep mask from 31-bit `bits`: bits < floor(p * 2**31).  `probability`: one per parent
+    (0-d: the threshold is one number, computed in double) or one per entry (fp32: computed in fp32 and int32 lanes,
+    exactly — p * 2**31 is exact, and below 2**31 its floor is at most 2**31 - 128, fp32's spacing there, an int32;
+    double lanes would halve the vector width of the whole kernel)."""
+    if probability.dim() == 0:
+        return bits <= ((probability.double().clamp(0, 1) * 2.0**31).floor() - 1).to(bits.dtype)  # fits at p=1
+    scaled = probability.float().clamp(0, 1) * 2.0**31
+    return (bits < scaled.floor().clamp(max=2.0**31 - 128).to(bits.dtype)) | (scaled >= 2.0**31)
 
 
 # --- sparsification: which entries of each task vector survive --------------------------------------------------

@@ -16,6 +16,11 @@ only known per candidate.  `MagnitudeIndex`, built once per worker, keeps per te
 rank's value then lies in a known bracket of about 512 entries, so the candidate's one merge pass finds its exact key
 (`Selection`) — with mergekit's top-k count and its tie order (equal magnitudes kept from the highest position down,
 as a stable ascending argsort ranks them).
+
+DELLA's MagPrune needs more: every entry's own rank in its row sets its keep probability and its rescale, so no
+summary will do.  The ranks depend on the parents only, so `RowRanks` sorts every row once per worker and keeps the
+ranks, two uint8 planes: 2 bytes/param per parent, the one per-element table, which the memory plan counts and drops (sorting
+each candidate's rows instead) where the device has no room for it.
 """
 from __future__ import annotations
 
@@ -31,11 +36,13 @@ from torch import Tensor
 
 from ..io import ModelFilesError, ModelInfo, load_bin, weight_files
 from ..vocab import VocabPlan, align_rows
+from .methods import sort_row_ranks
 
 CPU_CHUNK, COMPILED_CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 20, 1 << 22
 SAMPLE_FRACTION = 512  # the magnitude index: one entry per 512 entries of a parent,
 INDEX_ENTRY_BYTES = 12  # an fp32 bound and two int32 counts (0.023 byte/param)
 INDEX_CHUNK = 1 << 18  # entries per step while the index counts: its slots and gathers stay a few MB
+RANK_ENTRY_BYTES = 2  # DELLA's row ranks: two uint8 planes (rows up to 2**16 entries; wider rows are not planned for)
 _ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -325,3 +332,28 @@ class MagnitudeIndex:
             j = torch.sort(vals, stable=True).indices[rank]  # positions ascend: equal values keep position order
             values[i, t], where[i, t] = vals[j], pos[j]
         return values, where
+
+
+class RowRanks:
+    """Per tensor, each parent's task-vector entries' magnitude ranks within their rows (``methods.sort_row_ranks``:
+    high and low planes), on the store's device; sorted once, chunk by chunk, so building it holds no more than a
+    chunk in fp32."""
+
+    def __init__(self, store: ParentStore, shapes: dict[str, tuple[int, ...]]):
+        self.table: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        for name, shape in shapes.items():
+            m = math.prod(shape)
+            cols = shape[-1] if len(shape) > 1 else m
+            planes: list[tuple[Tensor, Tensor]] = []
+            for s, e, base, parents in store.chunks(name, row_chunks(shape, store.chunk)):
+                chunk = sort_row_ranks([p.float() - base.float() for p in parents], cols)
+                if not planes:
+                    planes = [tuple(torch.empty(m, dtype=x.dtype, device=store.device) for x in c) for c in chunk]
+                for table, ranks in zip(planes, chunk):
+                    for plane, x in zip(table, ranks):
+                        plane[s:e] = x
+            self.table[name] = planes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for planes in self.table.values() for p in planes for x in p)

@@ -39,7 +39,8 @@ class ParameterSpace(SearchSpace):
 
         plan = study_plan(cfg, device)
         m = Materializer(cfg.models.base, cfg.models.parents, device, cfg.merge.dtype,
-                         mode=plan.mode if plan else "resident", tokenizer_source=cfg.merge.tokenizer_source)
+                         mode=plan.mode if plan else "resident", tokenizer_source=cfg.merge.tokenizer_source,
+                         rank_table=plan is None or plan.row_ranks != "sorted")
         return Resident(m, m.model, m.vocab.tokenizer if m.vocab else None, m.materialize)
 
     @classmethod
