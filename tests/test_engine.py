@@ -130,6 +130,30 @@ def test_magnitude_selection_is_a_full_sorts_top_k_with_its_tie_order(method, ch
     assert ties_seen > 0
 
 
+def test_a_rank_inside_a_group_of_equal_magnitudes_is_keyed_by_its_position_before_the_merge(bf16_zoo):
+    """The index's anchors into each group (every 512th member) give such a key exactly, with no merge pass: the
+    position a full stable sort puts at that rank, also for members far past the group's first anchor."""
+    base, parents = bf16_zoo
+    mat = Materializer(base, parents, dtype="float32", mode="streaming")
+    mat.store.chunk = 1000  # anchors counted across many chunks, scans a chunk at a time
+    mat.prepare(METHODS["ties"])
+    sds = [load_state_dict(p) for p in [base, *parents]]
+    far = 0
+    for name, shape in mat.shapes.items():
+        m = math.prod(shape)
+        deltas = torch.stack([sd[name].float().reshape(-1) for sd in sds[1:]]) - sds[0][name].float().reshape(-1)
+        a = deltas.abs()
+        order = torch.argsort(a, dim=1, stable=True)
+        ranks = torch.tensor([[m // 5, m // 2, 4 * m // 5]] * 2)
+        selection = mat.index.select(name, m, ranks)
+        for i, t in ((i, t) for i in range(2) for t in range(3) if (i, t) not in selection.marked):
+            if selection.values[i, t] > 0:
+                j = order[i, ranks[i, t]]
+                assert (selection.values[i, t], selection.positions[i, t]) == (a[i, j], j), (name, i, t)
+                far += int(ranks[i, t] - (a[i] < a[i, j]).sum()) >= 512
+    assert far > 0
+
+
 def test_candidate_dtype_is_the_parents_unless_asked(bf16_zoo):
     base, parents = bf16_zoo
     assert Materializer(base, parents, mode="streaming").model.dtype == torch.bfloat16

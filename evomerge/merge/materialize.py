@@ -53,7 +53,7 @@ from .methods import (
     tensor_seeds,
     validate,
 )
-from .parents import MagnitudeIndex, ParentStore, RowRanks, Selection, chunk_size, count_equal_rows, row_chunks
+from .parents import MagnitudeIndex, ParentStore, RowRanks, Selection, chunk_size, row_chunks
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 COMPILE_MIN_PARAMS = 50_000_000
@@ -97,22 +97,19 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
 def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
           keys: tuple[Tensor, Tensor | None] | None, seeds: Tensor | None, start: int | Tensor,
           shape: tuple[int, ...], options: dict[str, Any], marks: tuple[Tensor, Tensor, Tensor] | None = None,
-          groups: Tensor | None = None, index: Tensor | None = None,
-          ranks: tuple[list[tuple[Tensor, Tensor]] | None, Tensor] | None = None) -> Tensor | None:
+          index: Tensor | None = None, ranks: tuple[list[tuple[Tensor, Tensor]] | None, Tensor] | None = None) -> None:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
     Nothing per element is stored between candidates (random bits come from the chunk's position, ``start``), and
     the compiled form is one fused pass.  `keys`: thresholds (values, None) or exact
     keys (values, positions) of the entries at `index` (see ``keep_from_keys``).  With `marks` (lo, hi [N, T], a
     preallocated float32 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
-    |delta| lies strictly inside one of those brackets, and with `groups` [N, T] returns how many entries equal each
-    (see ``parents.Selection``).  `ranks` (DELLA): the chunk's row ranks from the worker's table (None: sorted
+    |delta| lies strictly inside one of those brackets (see ``parents.Selection``).  `ranks` (DELLA): the chunk's row ranks from the worker's table (None: sorted
     here) and a row's largest rank as a 0-d fp32 tensor."""
     b = base.float() if base is not None else None
     xs = [p.float() - b if b is not None and method.uses_base else p.float() for p in parents]
     length = xs[0].shape[0]
     aux: dict[str, list[Tensor] | Tensor] = {}
-    counts = None
     if keys is not None:
         magnitudes = [x.abs() for x in xs]
         aux["keep"] = keep_from_keys(magnitudes, keys[0], keys[1], index)
@@ -120,9 +117,6 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
             lo, hi, mask = marks
             mask.copy_(sum(((a > lo[i, t]) & (a < hi[i, t])).to(mask.dtype) for i, a in enumerate(magnitudes)
                            for t in range(lo.shape[1])))
-        if groups is not None:
-            counts = torch.stack([(a == groups[i, t]).sum(dtype=torch.int32) for i, a in enumerate(magnitudes)
-                                  for t in range(groups.shape[1])]).reshape(groups.shape)
     if seeds is not None:
         aux["bits"] = random_bits(seeds, length, start)
     if ranks is not None:
@@ -130,7 +124,6 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
         cols = shape[-1] if len(shape) > 1 else length
         aux["row_ranks"] = rank_fractions(table if table is not None else sort_row_ranks(xs, cols), top)
     out.copy_(apply(method, b, xs, params, aux, options))
-    return counts
 
 
 def _compiled(name: str) -> Callable[..., None]:
@@ -179,7 +172,6 @@ class Merger:
         self.rank_table = rank_table
         self.ranks: RowRanks | None = None
         self._kernels: dict[str, Callable[..., None]] = {}
-        self._count_rows = torch.compile(count_equal_rows, dynamic=True) if self.compile else count_equal_rows
         self._mask: Tensor | None = None
 
     def prepare(self, method: MergeMethod) -> float:
@@ -191,6 +183,8 @@ class Merger:
                 self.index = MagnitudeIndex(self.store, self.shapes)
             if "row_ranks" in method.aux and self.rank_table and self.ranks is None:
                 self.ranks = RowRanks(self.store, self.shapes)
+        if self.device.type == "cpu":
+            release_freed_memory()  # the build's many small chunks, or the merge's workspace is allocated beside them
         return time.perf_counter() - t0
 
     def _kernel(self, method: MergeMethod) -> Callable[..., None]:
@@ -225,31 +219,19 @@ class Merger:
                 selection = self.index.select(name, m, ranks)
             marked = []
 
-            def stretch(s: int, b: Tensor | None, ps: list[Tensor], q: int, r: int, marks=None, groups=None):
-                """Merge entries [q, r) of the chunk at `s` (base `b`, parents `ps`) with the keys in force there."""
-                cut = slice(q - s, r - s)
-                keys = (selection.thresholds(q), None) if selection else None
-                ranks = (([(hi[q:r], lo[q:r]) for hi, lo in table] if table is not None else None, top)
-                         if top is not None else None)
-                return self._run(method, (out[q:r], method, b[cut] if b is not None else None, [x[cut] for x in ps],
-                                          p, keys, seeds, torch.tensor(q), shape, options, marks, groups, None, ranks))
-
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
-                marks = groups = None
-                if selection and selection.marked:
-                    marks = (selection.lo, selection.hi, self._mask_buffer(e - s))
-                if selection and selection.ties:
-                    groups = selection.groups
-                counts = stretch(s, b, ps, s, e, marks, groups)
-                if counts is not None:
-                    found = selection.advance(s, counts.cpu(), b, ps, shape[-1] if len(shape) > 1 else e - s,
-                                              self._count_rows)
-                    # a group reached its rank at position q, so its key changes there: merge again from the first
-                    # such q to the end, in stretches that lie on one side of every key's position
-                    for q, r in zip(found, found[1:] + [e]):
-                        stretch(s, b, ps, q, r)
-                if marks is not None:
-                    marked.append(marks[2].nonzero().squeeze(1) + s)
+                mask = self._mask_buffer(e - s) if selection and selection.marked else None
+                # one stretch per run of entries that no key's position falls inside: a threshold per key
+                for q, r in selection.stretches(s, e) if selection else [(s, e)]:
+                    cut = slice(q - s, r - s)
+                    keys = (selection.thresholds(q), None) if selection else None
+                    marks = (selection.lo, selection.hi, mask[cut]) if mask is not None else None
+                    ranks = (([(hi[q:r], lo[q:r]) for hi, lo in table] if table is not None else None, top)
+                             if top is not None else None)
+                    self._run(method, (out[q:r], method, b[cut] if b is not None else None, [x[cut] for x in ps],
+                                       p, keys, seeds, torch.tensor(q), shape, options, marks, None, ranks))
+                if mask is not None:
+                    marked.append(mask.nonzero().squeeze(1) + s)
             if marked:
                 self._remerge(name, out, torch.cat(marked), method, selection, p, shape, options)
         if self.device.type == "cpu":
@@ -271,16 +253,16 @@ class Merger:
             self._mask = torch.empty(length, dtype=torch.float32, device=self.device)
         return self._mask[:length]
 
-    def _run(self, method: MergeMethod, args: tuple) -> Tensor | None:
+    def _run(self, method: MergeMethod, args: tuple) -> None:
         kernel = self._kernel(method)
         try:
-            return kernel(*args)
+            kernel(*args)
         except Exception as e:
             if kernel is _into:
                 raise
             warnings.warn(f"torch.compile failed for {method.name} ({type(e).__name__}: {e}); merging eagerly")
             self._kernels[method.name] = _into
-            return _into(*args)
+            _into(*args)
 
 
 class Materializer(Merger):

@@ -12,22 +12,25 @@ none; 2^22 on CUDA, where launches cost more than memory), so what it allocates 
 
 Magnitude selections (TIES, breadcrumbs) need the value of the k-th largest |parent − base| of a tensor for a density
 only known per candidate.  `MagnitudeIndex`, built once per worker, keeps per tensor and parent a sorted sample of
-|delta| (1/512 of its entries) with the exact count of entries below and at each sample value: 0.023 byte/param.  A
-rank's value then lies in a known bracket of about 512 entries, so the candidate's one merge pass finds its exact key
-(`Selection`) — with mergekit's top-k count and its tie order (equal magnitudes kept from the highest position down,
-as a stable ascending argsort ranks them).
+|delta| (1/512 of its entries) with the exact count of entries below and at each sample value, and, for each group of
+equal magnitudes (bf16 task vectors are full of them), the position of every 512th member: 0.04 byte/param.  A rank's
+value then lies in a known bracket of about 512 entries.  A rank inside a group gets its exact key before the merge
+from a scan between two anchors; for any other rank the candidate's one merge pass marks the bracket's entries and
+finds the key among them (`Selection`) — with mergekit's top-k count and its tie order (equal magnitudes kept from
+the highest position down, as a stable ascending argsort ranks them).
 
 DELLA's MagPrune needs more: every entry's own rank in its row sets its keep probability and its rescale, so no
 summary will do.  The ranks depend on the parents only, so `RowRanks` sorts every row once per worker and keeps the
-ranks, two uint8 planes: 2 bytes/param per parent, the one per-element table, which the memory plan counts and drops (sorting
-each candidate's rows instead) where the device has no room for it.
+ranks, two uint8 planes: 2 bytes/param per parent, the one per-element table, which the memory plan counts and drops
+(sorting each candidate's rows instead) where the device has no room for it.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import mmap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +43,8 @@ from .methods import sort_row_ranks
 
 CPU_CHUNK, COMPILED_CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 20, 1 << 22
 SAMPLE_FRACTION = 512  # the magnitude index: one entry per 512 entries of a parent,
-INDEX_ENTRY_BYTES = 12  # an fp32 bound and two int32 counts (0.023 byte/param)
+INDEX_ENTRY_BYTES = 24  # an fp32 bound, two int32 counts, where its anchors start, at most two anchors (0.047 b/p)
+ANCHOR_STRIDE = 512  # members of a group of equal magnitudes between two of the index's anchors into it
 INDEX_CHUNK = 1 << 18  # entries per step while the index counts: its slots and gathers stay a few MB
 RANK_ENTRY_BYTES = 2  # DELLA's row ranks: two uint8 planes (rows up to 2**16 entries; wider rows are not planned for)
 _ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -191,24 +195,21 @@ class _Stager:
 
 @dataclass
 class Selection:
-    """The magnitude keys of one tensor for one candidate, made exact during its one merge pass.
+    """The magnitude keys of one tensor for one candidate: entry j of parent i is kept from rank t up exactly when
+    (|d_j|, j) >= (values[i, t], positions[i, t]) lexicographically.
 
-    A rank whose bracket starts with a group of equal magnitudes holding it (``ties``: rank among the group) gets the
-    key (value, position of that entry): the kernel counts the group's entries (`groups`: its value, NaN where none)
-    chunk by chunk and, until the count reaches the rank, no entry of the group is kept; `advance` then finds the
-    position, and the chunk where that happened is merged again from there on.  A rank above the group (``marked``:
-    rank among and count of the entries strictly inside the bracket) keeps, provisionally, everything above the group;
-    the kernel marks the entries inside (`lo`, `hi`: open bounds, empty where none), ``MagnitudeIndex.resolve`` finds
-    the key among them, and they are merged again."""
+    Every key is exact before the merge pass but those ``marked`` (rank among and count of the entries strictly
+    inside their bracket): the kernel keeps, provisionally, everything above the bracket's lower bound and marks the
+    entries inside it (`lo`, `hi`: open bounds, empty where none); ``MagnitudeIndex.resolve`` finds the key among
+    them, and they are merged again.  `cuts`: the keys' positions, ascending — the merge runs stretches that no key
+    position falls inside, where the keep test is one compare against a threshold (`thresholds`)."""
 
     values: Tensor
     positions: Tensor
     lo: Tensor
     hi: Tensor
-    groups: Tensor
     marked: dict[tuple[int, int], tuple[int, int]]
-    ties: dict[tuple[int, int], int]
-    seen: dict[tuple[int, int], int] = field(default_factory=dict)
+    cuts: list[int]
     above: Tensor = field(init=False, repr=False)  # the next float above each value: the thresholds before a position
 
     def __post_init__(self) -> None:
@@ -219,52 +220,29 @@ class Selection:
         past a key's position is kept from its value up (|d| >= value), one before it only above (|d| > value)."""
         return torch.where(self.positions <= start, self.values, self.above)
 
-    def advance(self, start: int, counts: Tensor, base: Tensor, parents: list[Tensor], cols: int,
-                count_rows: Callable[[Tensor, Tensor, Tensor, int], Tensor]) -> list[int]:
-        """After the chunk at `start` (whole rows of `cols`) was merged with `counts` [N, T] of each pending group's
-        entries in it: where a group reached its rank here, its key takes that entry's position.  Returns those
-        positions, ascending: from each on, the chunk must be merged again.  `count_rows`: per row, the entries
-        equal to a value."""
-        found = set()
-        for key, rank in list(self.ties.items()):
-            i, t = key
-            before = self.seen.get(key, 0)
-            self.seen[key] = before + int(counts[i, t])
-            if self.seen[key] <= rank:
-                continue
-            total = count_rows(parents[i], base, self.values[i, t], cols).cumsum(0)
-            r = int(torch.searchsorted(total, rank - before, right=True))  # the row holding the entry
-            skip = rank - before - (int(total[r - 1]) if r else 0)
-            row = slice(r * cols, (r + 1) * cols)
-            group = torch.nonzero(equal_magnitude(parents[i][row], base[row], self.values[i, t])).squeeze(1)
-            position = start + r * cols + int(group[skip])
-            self.positions[i, t] = position
-            self.groups[i, t] = math.nan
-            del self.ties[key]
-            found.add(position)
-        return sorted(found)
+    def stretches(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[start, end) cut at the keys' positions inside it."""
+        inside = self.cuts[bisect.bisect_right(self.cuts, start):bisect.bisect_left(self.cuts, end)]
+        return list(zip([start, *inside], [*inside, end]))
 
 
-def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor) -> Tensor:
+def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor | float) -> Tensor:
     """The entries whose |parent − base| equals `value`: a group of ties."""
     return (parent.float() - base.float()).abs() == value
 
 
-def count_equal_rows(parent: Tensor, base: Tensor, value: Tensor, cols: int) -> Tensor:
-    """Per row of `cols` entries, how many have |parent − base| equal to `value` (one fused pass when compiled, with
-    an output of one count per row rather than a mask)."""
-    return equal_magnitude(parent, base, value).reshape(-1, cols).sum(1, dtype=torch.int32)
-
-
 class MagnitudeIndex:
-    """Per tensor and parent, |parent − base| at evenly spaced quantiles, and the exact count of entries below and
-    at or below each: any rank's value lies in a known bracket (see `Selection`)."""
+    """Per tensor and parent, |parent − base| at evenly spaced quantiles, the exact count of entries below and at or
+    below each, and anchors into each group of equal magnitudes: any rank's value lies in a known bracket, and a rank
+    inside a group has its exact position after a short scan (see `Selection`)."""
 
     def __init__(self, store: ParentStore, shapes: dict[str, tuple[int, ...]]):
         self.store = store
         self.bounds: dict[str, Tensor] = {}  # [N, S + 2]: 0, the sorted sample, inf
         self.below: dict[str, Tensor] = {}   # [N, S + 2]: entries with |delta| < each bound
         self.upto: dict[str, Tensor] = {}    # [N, S + 2]: entries with |delta| <= each bound
+        self.anchor_start: dict[str, Tensor] = {}  # [N, S + 3]: where each bound's anchors start in anchors[i]
+        self.anchors: dict[str, list[Tensor]] = {}  # per parent: positions of members 0, A, 2A, … of each group
         for name, shape in shapes.items():
             self._build(name, shape)
 
@@ -283,7 +261,9 @@ class MagnitudeIndex:
         below = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
         upto = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
         first = torch.searchsorted(bounds, bounds, out_int32=True)  # where each bound's value first occurs
-        for _, _, base, parents in self.store.chunks(name, row_chunks(shape, min(self.store.chunk, INDEX_CHUNK))):
+        members = torch.zeros((n, s + 3), dtype=torch.int64, device=device)  # group members seen so far
+        found: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(n)]  # (bound, position) of each anchor
+        for start, _, base, parents in self.store.chunks(name, row_chunks(shape, min(self.store.chunk, INDEX_CHUNK))):
             for i, p in enumerate(parents):
                 a = (p.float() - base.float()).abs_()
                 # entry j counts below bound k (resp. at or below) for every k past its slot: the bounds <= a (>= 1,
@@ -291,12 +271,37 @@ class MagnitudeIndex:
                 right = torch.searchsorted(bounds[i], a, right=True, out_int32=True)
                 below[i] += torch.bincount(right, minlength=s + 3)
                 right -= 1  # the last bound <= a; where it equals a, the bounds < a end where its value starts
-                upto[i] += torch.bincount(torch.where(bounds[i][right] == a, first[i][right], right + 1),
-                                          minlength=s + 3)
+                equal, slot = bounds[i][right] == a, first[i][right]
+                upto[i] += torch.bincount(torch.where(equal, slot, right + 1), minlength=s + 3)
+                found[i].append(self._anchors(members[i], slot, equal & (a > 0), start))
         count = torch.int32 if m < 2**31 else torch.int64
         self.bounds[name] = bounds
         self.below[name] = below.cumsum(1)[:, :-1].to(count)
         self.upto[name] = upto.cumsum(1)[:, :-1].to(count)
+        starts, self.anchors[name] = [], []
+        for i in range(n):
+            group, position = (torch.cat(x) for x in zip(*found[i]))
+            order = torch.argsort(group, stable=True)  # by group, then (chunks in order) by position
+            self.anchors[name].append(position[order].to(count))
+            starts.append(torch.bincount(group, minlength=s + 2).cumsum(0))
+        self.anchor_start[name] = torch.cat([torch.zeros((n, 1), dtype=torch.int64, device=device),
+                                             torch.stack(starts)], 1).to(count)
+
+    @staticmethod
+    def _anchors(members: Tensor, group: Tensor, equal: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """The anchors in one chunk: the group and position of each entry whose ordinal in its group of equal
+        non-zero magnitudes (`equal`: entries equal to a bound; `group`: that bound's first slot) is a multiple of
+        ANCHOR_STRIDE.  `members` (per group, the members before the chunk) is advanced past the chunk."""
+        where = torch.nonzero(equal).squeeze(1)
+        g = group[where]  # int32: its stable sort is three times an int64 one's speed on CPU
+        order = torch.argsort(g, stable=True)  # by group, positions ascending within each
+        count = torch.bincount(g, minlength=members.numel())
+        skip = -members % ANCHOR_STRIDE  # each group's members here before its first anchor
+        per_group = ((count - skip + ANCHOR_STRIDE - 1) // ANCHOR_STRIDE).clamp_min(0)
+        anchored = torch.repeat_interleave(torch.arange(members.numel(), device=g.device), per_group)
+        nth = torch.arange(anchored.numel(), device=g.device) - (per_group.cumsum(0) - per_group)[anchored]
+        members += count
+        return anchored, where[order[(count.cumsum(0) - count + skip)[anchored] + nth * ANCHOR_STRIDE]] + start
 
     def select(self, name: str, m: int, ranks: Tensor) -> Selection:
         """The keys of ascending ranks [N, T] (0 = smallest |delta|): entry j of parent i has rank ≥ ranks[i, t]
@@ -312,12 +317,34 @@ class MagnitudeIndex:
         tie = inside & (ranks < group) & (lo > 0)
         mark = inside & (ranks >= group)
         values = torch.where(ranks >= m, math.inf, torch.where(inside, lo, -1.0))
-        positions = torch.where(inside & ~zero, m, 0)  # a group at lo is not kept until its rank's position is found
-        host = torch.stack([ranks - first, ranks - group, last - group, tie.long(), mark.long()]).cpu()
-        ties = {(i, t): int(host[0, i, t]) for i, t in host[3].nonzero().tolist()}
+        positions = torch.where(inside & ~zero, m, 0)  # marked: everything above lo kept until the key is resolved
+        slot = torch.searchsorted(bounds, lo)  # the first bound of the group's value: where its anchors are
+        host = torch.stack([ranks - first, ranks - group, last - group, tie.long(), mark.long(), slot]).cpu()
+        for i, t in host[3].nonzero().tolist():
+            positions[i, t] = self._member(name, i, int(host[5, i, t]), int(host[0, i, t]), values[i, t], m)
         marked = {(i, t): (int(host[1, i, t]), int(host[2, i, t])) for i, t in host[4].nonzero().tolist()}
+        cuts = sorted({q for q in positions.flatten().tolist() if 0 < q < m})
         return Selection(values, positions, torch.where(mark, lo, math.inf), torch.where(mark, hi, -math.inf),
-                         torch.where(tie, lo, math.nan), marked, ties)
+                         marked, cuts)
+
+    def _member(self, name: str, i: int, slot: int, ordinal: int, value: Tensor, m: int) -> int:
+        """The position of member `ordinal` (in position order) of parent i's group of entries equal to `value`: from
+        the anchor before it, a scan of the entries up to the next anchor, a chunk at a time."""
+        anchors = self.anchors[name][i]
+        first = int(self.anchor_start[name][i, slot])
+        count = int(self.anchor_start[name][i, slot + 1]) - first
+        q = int(anchors[first + ordinal // ANCHOR_STRIDE])
+        end = int(anchors[first + ordinal // ANCHOR_STRIDE + 1]) if ordinal // ANCHOR_STRIDE + 1 < count else m
+        skip = ordinal % ANCHOR_STRIDE
+        base, parent = self.store.models[0][name], self.store.models[i + 1][name]
+        while q < end:
+            r = min(q + self.store.chunk, end)
+            hits = torch.nonzero(equal_magnitude(parent[q:r], base[q:r], value.to(parent.device))).squeeze(1)
+            if skip < hits.numel():
+                return q + int(hits[skip])
+            skip -= hits.numel()
+            q = r
+        raise RuntimeError(f"magnitude index out of date: member {ordinal} of a group of {name} not found")
 
     def resolve(self, selection: Selection, positions: Tensor, magnitudes: list[Tensor]) -> tuple[Tensor, Tensor]:
         """The exact keys, from the entries merged again: their `positions` (ascending) and |delta| per parent."""
