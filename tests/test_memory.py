@@ -82,7 +82,6 @@ def test_the_plan_streams_when_resident_does_not_fit_and_obeys_the_study(tiny):
         plan_memory(base, parents, cpu, method_selects=True, budget_bytes=squeezed.device_bytes - 1)
 
 
-
 def test_the_plan_keeps_dellas_row_rank_table_where_it_fits_and_sorts_per_candidate_where_not(tiny):
     base, parents = str(tiny / "base"), [str(tiny / "up"), str(tiny / "rot")]
     cpu = torch.device("cpu")

@@ -12,6 +12,8 @@ from evomerge.merge.methods import (
     dare_linear,
     dare_ties,
     della_linear,
+    drop_magprune,
+    drop_random,
     linear,
     magnitude_keep,
     magnitude_ranks,
@@ -137,6 +139,20 @@ def test_della_keeps_large_entries_more_often_and_keeps_the_expectation():
     kept = (out != 0).float()
     assert kept[: m // 10].mean().item() < 0.2 and kept[-m // 10:].mean().item() > 0.8
     assert out.mean().item() == pytest.approx(deltas.mean().item(), rel=0.02)
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-9, 0.3, 0.5, 0.7 + 1e-7, 1 - 2**-24, 1.0])
+def test_dellas_keep_with_no_epsilon_is_dares_keep_bit_for_bit(p):
+    """DELLA's keep probability is one per entry, compared in fp32 lanes; DARE's is one per parent, in double: the
+    same entries survive, also for bits right at the threshold floor(p * 2**31)."""
+    t = math.floor(torch.tensor(p).item() * 2**31)
+    bits = torch.tensor([min(max(t + d, 0), 2**31 - 1) for d in (-2, -1, 0, 1)] + [0, 2**31 - 1], dtype=torch.int32)
+    deltas, density = torch.ones(1, bits.numel()), torch.tensor([p])
+    ranks = [torch.linspace(0, 1, bits.numel())]
+    dare = drop_random(deltas, density, [bits], rescale=True, mode="density")
+    della = drop_magprune(deltas, density, torch.zeros(1), ranks, [bits], rescale=True, mode="density")
+    assert torch.equal(dare[0], della[0])
+    assert torch.equal(dare[0] != 0, bits.long() < t)
 
 
 def test_slerp_at_t0_is_the_base_and_at_t1_the_parent():

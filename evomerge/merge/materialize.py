@@ -104,8 +104,8 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
     the compiled form is one fused pass.  `keys`: thresholds (values, None) or exact
     keys (values, positions) of the entries at `index` (see ``keep_from_keys``).  With `marks` (lo, hi [N, T], a
     preallocated float32 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
-    |delta| lies strictly inside one of those brackets (see ``parents.Selection``).  `ranks` (DELLA): the chunk's row ranks from the worker's table (None: sorted
-    here) and a row's largest rank as a 0-d fp32 tensor."""
+    |delta| lies strictly inside one of those brackets (see ``parents.Selection``).  `ranks` (DELLA): the chunk's row
+    ranks from the worker's table (None: sorted here) and a row's largest rank as a 0-d fp32 tensor."""
     b = base.float() if base is not None else None
     xs = [p.float() - b if b is not None and method.uses_base else p.float() for p in parents]
     length = xs[0].shape[0]
