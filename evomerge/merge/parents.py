@@ -262,7 +262,12 @@ class MagnitudeIndex:
         upto = torch.zeros((n, s + 3), dtype=torch.int64, device=device)
         first = torch.searchsorted(bounds, bounds, out_int32=True)  # where each bound's value first occurs
         members = torch.zeros((n, s + 3), dtype=torch.int64, device=device)  # group members seen so far
-        found: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(n)]  # (bound, position) of each anchor
+        # the anchors, (group, position) each: ceil(members / stride) per group is at most m // stride + one per
+        # group; preallocated, since small tensors kept from chunk to chunk fragment the heap the chunks cycle through
+        room = m // ANCHOR_STRIDE + s + 3
+        groups = torch.empty((n, room), dtype=torch.int64, device=device)
+        places = torch.empty((n, room), dtype=torch.int64, device=device)
+        found = [0] * n
         for start, _, base, parents in self.store.chunks(name, row_chunks(shape, min(self.store.chunk, INDEX_CHUNK))):
             for i, p in enumerate(parents):
                 a = (p.float() - base.float()).abs_()
@@ -273,14 +278,17 @@ class MagnitudeIndex:
                 right -= 1  # the last bound <= a; where it equals a, the bounds < a end where its value starts
                 equal, slot = bounds[i][right] == a, first[i][right]
                 upto[i] += torch.bincount(torch.where(equal, slot, right + 1), minlength=s + 3)
-                found[i].append(self._anchors(members[i], slot, equal & (a > 0), start))
+                group, position = self._anchors(members[i], slot, equal & (a > 0), start)
+                groups[i, found[i]:found[i] + group.numel()] = group
+                places[i, found[i]:found[i] + group.numel()] = position
+                found[i] += group.numel()
         count = torch.int32 if m < 2**31 else torch.int64
         self.bounds[name] = bounds
         self.below[name] = below.cumsum(1)[:, :-1].to(count)
         self.upto[name] = upto.cumsum(1)[:, :-1].to(count)
         starts, self.anchors[name] = [], []
         for i in range(n):
-            group, position = (torch.cat(x) for x in zip(*found[i]))
+            group, position = groups[i, :found[i]], places[i, :found[i]]
             order = torch.argsort(group, stable=True)  # by group, then (chunks in order) by position
             self.anchors[name].append(position[order].to(count))
             starts.append(torch.bincount(group, minlength=s + 2).cumsum(0))
