@@ -4,8 +4,10 @@ Parents are fixed for a whole study, so a worker keeps them for its life at thei
 device or mapped from their files and streamed (``parents.ParentStore``) — and a candidate is one pass over them,
 tensor by tensor in chunks of rows: one kernel (``torch.compile``'d on models large enough to repay the compile)
 forms the task vectors in fp32 from the stored dtype, applies the method, and writes into the model.  Magnitude
-selections add one exact selection pass (``parents.MagnitudeIndex``); random drops are hashed inside the kernel.
-Export runs the same function over mapped parents, so an exported recipe is exactly the candidate the search scored.
+selections read an index built once per worker (``parents.MagnitudeIndex``) and merge again the few entries the pass
+marks; random drops are hashed inside the kernel; DELLA reads its row ranks from a table built once per worker
+(``parents.RowRanks``).  Export runs the same function over mapped parents, so an exported recipe is exactly the
+candidate the search scored.
 """
 from __future__ import annotations
 
@@ -100,8 +102,8 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
           index: Tensor | None = None, ranks: tuple[list[tuple[Tensor, Tensor]] | None, Tensor] | None = None) -> None:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
-    Nothing per element is stored between candidates (random bits come from the chunk's position, ``start``), and
-    the compiled form is one fused pass.  `keys`: thresholds (values, None) or exact
+    Random bits are not stored (they come from the chunk's position, ``start``), and the compiled form is one fused
+    pass.  `keys`: thresholds (values, None) or exact
     keys (values, positions) of the entries at `index` (see ``keep_from_keys``).  With `marks` (lo, hi [N, T], a
     preallocated float32 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
     |delta| lies strictly inside one of those brackets (see ``parents.Selection``).  `ranks` (DELLA): the chunk's row
