@@ -55,7 +55,7 @@ from .methods import (
     tensor_seeds,
     validate,
 )
-from .parents import MagnitudeIndex, ParentStore, RowRanks, Selection, chunk_size, row_chunks
+from .parents import MagnitudeIndex, ParentStore, RowRanks, Selection, chunk_size, row_chunks, row_length
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 COMPILE_MIN_PARAMS = 50_000_000
@@ -123,8 +123,7 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
         aux["bits"] = random_bits(seeds, length, start)
     if ranks is not None:
         table, top = ranks
-        cols = shape[-1] if len(shape) > 1 else length
-        aux["row_ranks"] = rank_fractions(table if table is not None else sort_row_ranks(xs, cols), top)
+        aux["row_ranks"] = rank_fractions(table if table is not None else sort_row_ranks(xs, row_length(shape)), top)
     out.copy_(apply(method, b, xs, params, aux, options))
 
 
@@ -210,9 +209,10 @@ class Merger:
             out = write(name)
             p = params[owner[name]]
             seeds = tensor_seeds(recipe.seed, name, n, self.device) if method.random else None
-            table = self.ranks.table[name] if self.ranks is not None and "row_ranks" in method.aux else None
-            top = (torch.tensor(float(max((shape[-1] if len(shape) > 1 else math.prod(shape)) - 1, 1)),
-                                device=self.device) if "row_ranks" in method.aux else None)
+            table = top = None
+            if "row_ranks" in method.aux:  # DELLA: the worker's table of row ranks (None: sorted per chunk)
+                table = self.ranks.table[name] if self.ranks is not None else None
+                top = torch.tensor(float(max(row_length(shape) - 1, 1)), device=self.device)
             selection = None
             if method.select is not None:
                 m = math.prod(shape)
@@ -228,10 +228,10 @@ class Merger:
                     cut = slice(q - s, r - s)
                     keys = (selection.thresholds(q), None) if selection else None
                     marks = (selection.lo, selection.hi, mask[cut]) if mask is not None else None
-                    ranks = (([(hi[q:r], lo[q:r]) for hi, lo in table] if table is not None else None, top)
-                             if top is not None else None)
+                    rows = None if top is None else (
+                        [(hi[q:r], lo[q:r]) for hi, lo in table] if table is not None else None, top)
                     self._run(method, (out[q:r], method, b[cut] if b is not None else None, [x[cut] for x in ps],
-                                       p, keys, seeds, torch.tensor(q), shape, options, marks, None, ranks))
+                                       p, keys, seeds, torch.tensor(q), shape, options, marks, None, rows))
                 if mask is not None:
                     marked.append(mask.nonzero().squeeze(1) + s)
             if marked:

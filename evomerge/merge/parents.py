@@ -98,12 +98,17 @@ class MappedModel:
         return out
 
 
+def row_length(shape: tuple[int, ...]) -> int:
+    """Entries per row: the last dimension (a 1-D tensor is one row)."""
+    return shape[-1] if shape else 1
+
+
 def row_chunks(shape: tuple[int, ...], chunk: int, whole: bool = False) -> list[tuple[int, int]]:
     """Flat [start, end) ranges of whole rows, about `chunk` elements each (the whole tensor when `whole`)."""
     m = math.prod(shape)
     if whole or m <= chunk or len(shape) < 2:
         return [(0, m)]
-    cols = shape[-1]
+    cols = row_length(shape)
     step = max(1, chunk // cols) * cols
     return [(s, min(s + step, m)) for s in range(0, m, step)]
 
@@ -378,10 +383,9 @@ class RowRanks:
         self.table: dict[str, list[tuple[Tensor, Tensor]]] = {}
         for name, shape in shapes.items():
             m = math.prod(shape)
-            cols = shape[-1] if len(shape) > 1 else m
             planes: list[tuple[Tensor, Tensor]] = []
             for s, e, base, parents in store.chunks(name, row_chunks(shape, store.chunk)):
-                chunk = sort_row_ranks([p.float() - base.float() for p in parents], cols)
+                chunk = sort_row_ranks([p.float() - base.float() for p in parents], row_length(shape))
                 if not planes:
                     planes = [tuple(torch.empty(m, dtype=x.dtype, device=store.device) for x in c) for c in chunk]
                 for table, ranks in zip(planes, chunk):
