@@ -17,11 +17,13 @@ from evomerge.merge.methods import (
     linear,
     magnitude_keep,
     magnitude_ranks,
+    magprune,
     merge_method,
     model_stock,
     outlier_window,
     passthrough,
     random_bits,
+    random_drop,
     rank_fractions,
     slerp,
     sort_row_ranks,
@@ -94,23 +96,24 @@ def test_breadcrumbs_ties_with_nothing_dropped_is_sign_elected_task_arithmetic()
 def test_dare_keeps_the_expectation_of_the_task_vector():
     base = torch.zeros(200_000)
     deltas = torch.full((1, 200_000), 0.2)
-    out = dare_linear(base, deltas, torch.tensor([1.0]), torch.tensor([0.3]), bits=bits(200_000))
+    out = dare_linear(base, deltas, torch.tensor([1.0]), **random_drop(torch.tensor([0.3])), bits=bits(200_000))
     assert abs(out.mean().item() - 0.2) < 0.005
     assert abs((out != 0).float().mean().item() - 0.3) < 0.005
 
 
 def test_dare_l1_rescale_keeps_each_task_vectors_l1_norm():
     deltas = torch.randn(2, 10_000, generator=torch.Generator().manual_seed(0))
-    out = dare_linear(torch.zeros(10_000), deltas, torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.3]),
+    out = dare_linear(torch.zeros(10_000), deltas, torch.tensor([1.0, 0.0]), **random_drop(torch.tensor([0.3, 0.3])),
                       bits=bits(10_000, n=2), rescale_mode="l1")
     assert out.abs().sum().item() == pytest.approx(deltas[0].abs().sum().item(), rel=1e-4)
 
 
 def test_dare_is_reproducible_for_a_seed_and_differs_across_seeds():
-    args = (BASE.repeat(1000), DELTAS.repeat(1, 1000), ONES, torch.tensor([0.5, 0.5]))
-    a = dare_ties(*args, bits=random_bits(tensor_seeds(7, "x", 2), 4000))
-    assert torch.equal(a, dare_ties(*args, bits=random_bits(tensor_seeds(7, "x", 2), 4000)))
-    assert not torch.equal(a, dare_ties(*args, bits=random_bits(tensor_seeds(8, "x", 2), 4000)))
+    args = (BASE.repeat(1000), DELTAS.repeat(1, 1000), ONES)
+    constants = random_drop(torch.tensor([0.5, 0.5]))
+    a = dare_ties(*args, **constants, bits=random_bits(tensor_seeds(7, "x", 2), 4000))
+    assert torch.equal(a, dare_ties(*args, **constants, bits=random_bits(tensor_seeds(7, "x", 2), 4000)))
+    assert not torch.equal(a, dare_ties(*args, **constants, bits=random_bits(tensor_seeds(8, "x", 2), 4000)))
 
 
 def lowbias32(x):
@@ -134,7 +137,7 @@ def test_random_bits_are_an_unsigned_32_bit_hash_even_where_int32_lanes_wrap(com
 def test_della_keeps_large_entries_more_often_and_keeps_the_expectation():
     m = 200_000
     deltas = torch.linspace(0.1, 0.3, m)[None, :]
-    out = della_linear(torch.zeros(m), deltas, torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.4]),
+    out = della_linear(torch.zeros(m), deltas, torch.tensor([1.0]), **magprune(torch.tensor([0.5]), torch.tensor([0.4])),
                        row_ranks=rank_fractions(sort_row_ranks(deltas, m), torch.tensor(m - 1.0)), bits=bits(m))
     kept = (out != 0).float()
     assert kept[: m // 10].mean().item() < 0.2 and kept[-m // 10:].mean().item() > 0.8
@@ -149,8 +152,9 @@ def test_dellas_keep_with_no_epsilon_is_dares_keep_bit_for_bit(p):
     bits = torch.tensor([min(max(t + d, 0), 2**31 - 1) for d in (-2, -1, 0, 1)] + [0, 2**31 - 1], dtype=torch.int32)
     deltas, density = torch.ones(1, bits.numel()), torch.tensor([p])
     ranks = [torch.linspace(0, 1, bits.numel())]
-    dare = drop_random(deltas, density, [bits], rescale=True, mode="density")
-    della = drop_magprune(deltas, density, torch.zeros(1), ranks, [bits], rescale=True, mode="density")
+    dare = drop_random(deltas, *random_drop(density).values(), [bits], rescale=True, mode="density")
+    della = drop_magprune(deltas, *magprune(density, torch.zeros(1)).values(), ranks, [bits], rescale=True,
+                          mode="density")
     assert torch.equal(dare[0], della[0])
     assert torch.equal(dare[0] != 0, bits.long() < t)
 
@@ -211,3 +215,16 @@ def test_a_kernel_that_takes_other_parameters_than_its_contract_is_refused():
         def ties_without_lambda(base, deltas, weight, *, keep, normalize):
             return base
     assert METHODS["ties"].fn is ties
+
+
+def test_a_kernel_with_per_parent_constants_takes_them_in_place_of_the_parameters_they_consume():
+    with pytest.raises(TypeError, match="dare_ties: dare_with_density.* does not take what its contract declares: "
+                                        "base, deltas, weight, \\*, bits, threshold, scale"):
+        @merge_method("dare_ties", constants=random_drop)
+        def dare_with_density(base, deltas, weight, density, *, threshold, scale, bits, normalize, rescale,
+                              rescale_mode, lambda_):
+            return base
+    assert METHODS["dare_ties"].fn is dare_ties
+    constants = METHODS["dare_ties"].kernel_constants({"weight": ONES, "density": torch.tensor([0.3, 1.0])})
+    assert constants["threshold"].tolist() == [math.floor(torch.tensor(0.3).item() * 2**31) - 1, 2**31 - 1]
+    assert torch.equal(constants["scale"], 1 / torch.tensor([0.3, 1.0]))

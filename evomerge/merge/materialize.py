@@ -91,9 +91,11 @@ def check_recipe(recipe: Recipe, groups: list[str]) -> MergeMethod:
 
 def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
                  device: torch.device) -> dict[str, torch.Tensor]:
-    """One group's per-parent parameters as fp32 vectors, method defaults filled in."""
-    return {p: torch.tensor(values.get(p, [d] * n), dtype=torch.float32, device=device)
-            for p, d in method.tensor_params.items()}
+    """One group's per-parent parameters as fp32 vectors, method defaults filled in, and the method's constants
+    computed from them (once per group, not in the kernel's loop)."""
+    params = {p: torch.tensor(values.get(p, [d] * n), dtype=torch.float32, device=device)
+              for p, d in method.tensor_params.items()}
+    return {**params, **method.kernel_constants(params)}
 
 
 def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
