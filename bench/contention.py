@@ -11,7 +11,8 @@ phase: on a shared machine other work inflates both numbers.
 
 `--threads N` sets `executor.threads` (default: the executor's own sizing: the cores this process may use over the
 workers).  `OMP_WAIT_POLICY=ACTIVE python bench/contention.py` shows the behaviour before evomerge made idle OpenMP
-threads sleep (it sets OMP_WAIT_POLICY=PASSIVE unless the environment says otherwise).
+threads sleep (it sets OMP_WAIT_POLICY=PASSIVE, with a short spin first, GOMP_SPINCOUNT=2000, unless the environment
+sets the policy); `GOMP_SPINCOUNT=0 python bench/contention.py`, threads that sleep at once.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def main() -> None:
             competitor.kill()
             competitor.wait()
     print(f"cores available: {len(os.sched_getaffinity(0))}, worker threads: {threads}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, trials: {args.trials}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, "
+          f"trials: {args.trials}")
     print(f"alone:     {alone * 1000:7.1f} ms per trial (load average {load_alone:.2f} before)")
     print(f"contended: {busy * 1000:7.1f} ms per trial (load average {load_busy:.2f} before, competitor running)")
     print(f"ratio:     {busy / alone:7.2f}x (goal <= 3x)")

@@ -13,7 +13,8 @@ at their stored size; ``streaming``: mapped from the files) and measures:
 * memory, one fresh process per method (a worker runs one method: its own baseline, and no other method's kernels
   or index) — RssAnon (anonymous memory: the mapped parents' file pages are not counted) above the process's
   baseline before loading, per parameter: after the method's first candidate (``resident_bytes_per_param``) and the
-  peak since loading began, sampled every millisecond (``peak_bytes_per_param``);
+  peak since loading began, sampled every millisecond and at least the value after that candidate
+  (``peak_bytes_per_param``);
 * time, in one more process, best of several round-robin repeats — ``copy`` (``target.copy_(base)`` for every tensor
   at the stored dtype: one read + one write of the model, the floor), then ``Materializer.materialize`` of a
   per-layer recipe for task_arithmetic, ties, dare_ties and della.
@@ -129,12 +130,13 @@ def child(args: argparse.Namespace) -> None:
             mat.materialize(recipe(method, density))
             sync()
             first = time.perf_counter() - t0
-            resident = (rss_anon() - baseline) / n_params
+            now = rss_anon()
+            resident = (now - baseline) / n_params
             device = (f" device_bytes_per_param={torch.cuda.memory_allocated() / n_params:.2f}"
                       f" device_peak_bytes_per_param={torch.cuda.max_memory_allocated() / n_params:.2f}" if cuda else "")
             if not args.timing:
                 print(f"mode={args.mode} method={method} resident_bytes_per_param={resident:.2f} "
-                      f"peak_bytes_per_param={(peak.peak - baseline) / n_params:.2f}{device}  (first call {first:.1f} "
+                      f"peak_bytes_per_param={(max(peak.peak, now) - baseline) / n_params:.2f}{device}  (first call {first:.1f} "
                       "s)", flush=True)
             runs[method] = lambda m=method, d=density: mat.materialize(recipe(m, d))
     if not args.timing:

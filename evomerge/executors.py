@@ -175,7 +175,8 @@ class RayExecutor(Executor):
             _check_reachable(address)
         env = {"OMP_NUM_THREADS": str(self._threads())}
         env.update({k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TQDM_DISABLE",
-                                               "TOKENIZERS_PARALLELISM", "PYTHONPATH", "OMP_WAIT_POLICY")
+                                               "TOKENIZERS_PARALLELISM", "PYTHONPATH", "OMP_WAIT_POLICY",
+                                               "GOMP_SPINCOUNT")
                     if k in os.environ})
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,

@@ -4,8 +4,9 @@ with their defaults: plain data a study file is checked against without torch).
 
 Every function sees one tensor of the model at a time, flattened: ``base`` [M] and ``deltas`` (task vectors, parent
 minus base) or ``params`` (the parents themselves), one [M] tensor per parent — a list, or the rows of an [N, M]
-tensor — and per-parent parameter vectors [N] (``weight``, ``density``, ``gamma``, ``epsilon``, ``t``).  Parents are
-walked one by one rather than stacked: ``torch.compile`` on CPU copies a stack into a buffer, a list fuses into one
+tensor — and per-parent parameter vectors [N] (``weight``, ``density``, ``gamma``, ``epsilon``, ``t``), or the
+per-parent constants a method derives from them (``constants``: computed once per merge group, outside the kernel's
+loop, e.g. DARE's keep threshold).  Parents are walked one by one rather than stacked: ``torch.compile`` on CPU copies a stack into a buffer, a list fuses into one
 pass.  Everything is tensor arithmetic — no ``.item()``, no Python branching on values — so one function serves the
 eager path, the ``torch.compile``'d path and CUDA, and a candidate never syncs.
 
