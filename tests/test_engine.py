@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from evomerge.io import load_state_dict, tensor_group, write_sharded
 from evomerge.merge import Materializer, write_model
-from evomerge.merge.materialize import group_params
+from evomerge.merge.materialize import group_params, marked_positions
 from evomerge.merge.methods import METHODS, apply, magnitude_keep
 from evomerge.merge.parents import CPU_CHUNK
 from evomerge.recipe import Recipe
@@ -152,6 +152,15 @@ def test_a_rank_inside_a_group_of_equal_magnitudes_is_keyed_by_its_position_befo
                 assert (selection.values[i, t], selection.positions[i, t]) == (a[i, j], j), (name, i, t)
                 far += int(ranks[i, t] - (a[i] < a[i, j]).sum()) >= 512
     assert far > 0
+
+
+@pytest.mark.parametrize("length, marks", [(1000, 0), (1000, 1), (4096, 30), (5003, 400), (77, 77)])
+def test_a_chunks_marks_are_found_in_position_order(length, marks):
+    """Marks are counts (0, 1, 2, ...) in a float mask; the blocks' search gives what nonzero gives, tail included."""
+    g = torch.Generator().manual_seed(length + marks)
+    mask = torch.zeros(length)
+    mask[torch.randperm(length, generator=g)[:marks]] = torch.randint(1, 4, (marks,), generator=g).float()
+    assert torch.equal(marked_positions(mask), mask.nonzero().squeeze(1))
 
 
 def test_candidate_dtype_is_the_parents_unless_asked(bf16_zoo):

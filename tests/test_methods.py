@@ -152,9 +152,9 @@ def test_dellas_keep_with_no_epsilon_is_dares_keep_bit_for_bit(p):
     bits = torch.tensor([min(max(t + d, 0), 2**31 - 1) for d in (-2, -1, 0, 1)] + [0, 2**31 - 1], dtype=torch.int32)
     deltas, density = torch.ones(1, bits.numel()), torch.tensor([p])
     ranks = [torch.linspace(0, 1, bits.numel())]
-    dare = drop_random(deltas, *random_drop(density).values(), [bits], rescale=True, mode="density")
-    della = drop_magprune(deltas, *magprune(density, torch.zeros(1)).values(), ranks, [bits], rescale=True,
-                          mode="density")
+    keep, line = random_drop(density), magprune(density, torch.zeros(1))
+    dare = drop_random(deltas, keep["threshold"], keep["scale"], [bits], rescale=True, mode="density")
+    della = drop_magprune(deltas, line["low"], line["span"], ranks, [bits], rescale=True, mode="density")
     assert torch.equal(dare[0], della[0])
     assert torch.equal(dare[0] != 0, bits.long() < t)
 

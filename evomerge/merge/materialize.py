@@ -129,6 +129,20 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
     out.copy_(apply(method, b, xs, params, aux, options))
 
 
+def marked_positions(mask: Tensor, block: int = 128) -> Tensor:
+    """The positions of a chunk's marks, ascending.  On CPU, torch's ``nonzero`` reads each entry in one thread
+    (0.75 ms per 2^20 entries here), and a chunk holds a few hundred marks at most: the blocks with any mark are
+    found first by a vectorized sum (marks are non-negative counts), then searched (0.3 ms).  On CUDA, one
+    ``nonzero`` (one sync)."""
+    if mask.device.type != "cpu":
+        return mask.nonzero().squeeze(1)
+    whole = mask.numel() // block * block
+    blocks = mask[:whole].view(-1, block)
+    hit = blocks.sum(1).nonzero().squeeze(1)
+    inside = blocks[hit].nonzero()
+    return torch.cat([hit[inside[:, 0]] * block + inside[:, 1], mask[whole:].nonzero().squeeze(1) + whole])
+
+
 def _compiled(name: str) -> Callable[..., None]:
     """`_into` compiled for one method.  Dynamo caches compiled graphs per code object (8 variants at most), so each
     method gets its own copy of the code: twelve methods sharing one cache would evict each other back to eager."""
@@ -235,7 +249,7 @@ class Merger:
                     self._run(method, (out[q:r], method, b[cut] if b is not None else None, [x[cut] for x in ps],
                                        p, keys, seeds, torch.tensor(q), shape, options, marks, None, rows))
                 if mask is not None:
-                    marked.append(mask.nonzero().squeeze(1) + s)
+                    marked.append(marked_positions(mask) + s)
             if marked:
                 self._remerge(name, out, torch.cat(marked), method, selection, p, shape, options)
         if self.device.type == "cpu":
