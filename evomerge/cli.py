@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.text import Text
@@ -142,6 +142,7 @@ def run(
     study = None
     _INTERRUPTS.clear()
     previous = signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_interrupt(sys.unraisablehook)
     try:  # whatever ends the run (done, a bad input, Ctrl-C), the executor's workers are shut down
         try:
             study = Study(cfg, storage)
@@ -155,6 +156,7 @@ def run(
         raise typer.Exit(130) from None
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
         if study is not None:
             study.executor.close()
 
@@ -168,6 +170,16 @@ def _on_sigint(signum: int, frame: object) -> None:
     the loop raises it again after the next trial (`_stop_if_interrupted`)."""
     _INTERRUPTS.append(signum)
     raise KeyboardInterrupt
+
+
+def _quiet_interrupt(hook: Callable[[Any], object]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that drops the KeyboardInterrupt `_on_sigint` raised inside a weakref callback or a
+    ``__del__`` (Python would print its traceback; the loop stops the run after the next trial) and passes anything
+    else to `hook`."""
+    def quiet(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _INTERRUPTS):
+            hook(unraisable)
+    return quiet
 
 
 def _stop_if_interrupted() -> None:

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
+from evomerge import cli
 from evomerge.cli import app
 from evomerge.executors import LocalExecutor
 from evomerge.study import Study
@@ -105,6 +107,23 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_says_it_resumes_into_the_uninter
     assert r.returncode == 0, r.stderr
     assert f"resuming study tiny-ps: {done} of {BUDGET} trials done" in r.stdout
     assert history(study) == uninterrupted
+
+
+def test_a_ctrl_c_that_lands_in_a_weakref_callback_is_not_printed_and_anything_else_still_is():
+    """Python prints an exception raised inside a weakref callback or ``__del__`` (a SQLAlchemy cleanup, say) as a
+    traceback and goes on; `run` remembers the Ctrl-C and stops after the trial, so that one is dropped."""
+    seen = []
+    quiet = cli._quiet_interrupt(seen.append)
+    interrupt, other = SimpleNamespace(exc_value=KeyboardInterrupt()), SimpleNamespace(exc_value=ValueError("x"))
+    cli._INTERRUPTS.clear()
+    quiet(interrupt)  # not one of run's: the user's own, passed on
+    cli._INTERRUPTS.append(signal.SIGINT)
+    try:
+        quiet(interrupt)
+        quiet(other)
+    finally:
+        cli._INTERRUPTS.clear()
+    assert seen == [interrupt, other]
 
 
 def test_a_second_runner_on_one_sqlite_study_is_refused_at_once_and_a_killed_runner_leaves_no_lock(tmp_path,
