@@ -65,6 +65,11 @@ class MethodSpec:
     def random(self) -> bool:
         return "bits" in self.aux
 
+    @property
+    def row_ranked(self) -> bool:
+        """DELLA's MagPrune: the kernel reads each entry's magnitude rank within its row."""
+        return "row_ranks" in self.aux
+
     def spec_fields(self) -> dict[str, Any]:
         """This spec's fields, for building a method from it (see `merge.methods.METHODS`)."""
         return {f.name: getattr(self, f.name) for f in fields(MethodSpec)}

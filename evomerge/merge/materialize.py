@@ -198,7 +198,7 @@ class Merger:
         with torch.no_grad():
             if method.select is not None and self.index is None:
                 self.index = MagnitudeIndex(self.store, self.shapes)
-            if "row_ranks" in method.aux and self.rank_table and self.ranks is None:
+            if method.row_ranked and self.rank_table and self.ranks is None:
                 self.ranks = RowRanks(self.store, self.shapes)
         if self.device.type == "cpu":
             release_freed_memory()  # the build's many small chunks, or the merge's workspace is allocated beside them
@@ -226,7 +226,7 @@ class Merger:
             p = params[owner[name]]
             seeds = tensor_seeds(recipe.seed, name, n, self.device) if method.random else None
             table = top = None
-            if "row_ranks" in method.aux:  # DELLA: the worker's table of row ranks (None: sorted per chunk)
+            if method.row_ranked:  # DELLA: the worker's table of row ranks (None: sorted per chunk)
                 table = self.ranks.table[name] if self.ranks is not None else None
                 top = torch.tensor(float(max(row_length(shape) - 1, 1)), device=self.device)
             selection = None

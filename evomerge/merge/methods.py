@@ -6,9 +6,10 @@ Every function sees one tensor of the model at a time, flattened: ``base`` [M] a
 minus base) or ``params`` (the parents themselves), one [M] tensor per parent — a list, or the rows of an [N, M]
 tensor — and per-parent parameter vectors [N] (``weight``, ``density``, ``gamma``, ``epsilon``, ``t``), or the
 per-parent constants a method derives from them (``constants``: computed once per merge group, outside the kernel's
-loop, e.g. DARE's keep threshold).  Parents are walked one by one rather than stacked: ``torch.compile`` on CPU copies a stack into a buffer, a list fuses into one
-pass.  Everything is tensor arithmetic — no ``.item()``, no Python branching on values — so one function serves the
-eager path, the ``torch.compile``'d path and CUDA, and a candidate never syncs.
+loop, e.g. DARE's keep threshold).  Parents are walked one by one rather than stacked: ``torch.compile`` on CPU copies
+a stack into a buffer, a list fuses into one pass.  Everything is tensor arithmetic — no ``.item()``, no Python
+branching on values — so one function serves the eager path, the ``torch.compile``'d path and CUDA, and a candidate
+never syncs.
 
 Names, meanings and defaults follow mergekit's documentation, so a mergekit config means the same here:
 ``normalize`` divides by the sum of the weights that contribute to each entry; ``lambda`` scales the merged task
@@ -75,10 +76,7 @@ def sort_row_ranks(deltas: Parents, cols: int) -> list[tuple[Tensor, Tensor]]:
     high = torch.uint8 if cols <= 2**16 else torch.int32
     out = []
     for d in deltas:
-        order = torch.argsort(d.reshape(-1, cols).abs(), dim=1, stable=True)
-        ranks = torch.empty_like(order, dtype=torch.int32)
-        ranks.scatter_(1, order, torch.arange(cols, dtype=torch.int32, device=d.device).expand_as(order))
-        ranks = ranks.reshape(-1)
+        ranks = magnitude_ranks(d.reshape(-1, cols)).reshape(-1)  # each row's own ranks
         out.append(((ranks >> 8).to(high), (ranks & 255).to(torch.uint8)))
     return out
 

@@ -353,9 +353,10 @@ class MagnitudeIndex:
         end = int(anchors[first + ordinal // ANCHOR_STRIDE + 1]) if ordinal // ANCHOR_STRIDE + 1 < count else m
         skip = ordinal % ANCHOR_STRIDE
         base, parent = self.store.models[0][name], self.store.models[i + 1][name]
+        step, value = min(self.store.chunk, SCAN_CHUNK), value.to(parent.device)
         while q < end:
-            r = min(q + min(self.store.chunk, SCAN_CHUNK), end)
-            hits = torch.nonzero(equal_magnitude(parent[q:r], base[q:r], value.to(parent.device))).squeeze(1)
+            r = min(q + step, end)
+            hits = torch.nonzero(equal_magnitude(parent[q:r], base[q:r], value)).squeeze(1)
             if skip < hits.numel():
                 return q + int(hits[skip])
             skip -= hits.numel()

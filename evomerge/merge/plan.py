@@ -179,7 +179,7 @@ def study_plan(cfg: StudyConfig, device: torch.device) -> MemoryPlan | None:
     w = cfg.worker
     return plan_memory(cfg.models.base, cfg.models.parents, device,
                        method_selects=METHODS[cfg.merge.method].select is not None,
-                       method_ranks="row_ranks" in METHODS[cfg.merge.method].aux, candidate_dtype=cfg.merge.dtype,
+                       method_ranks=METHODS[cfg.merge.method].row_ranked, candidate_dtype=cfg.merge.dtype,
                        prefer={"host": "streaming"}.get(w.parents, w.parents),
                        budget_bytes=None if w.device_memory is None else int(w.device_memory * 1e9),
                        batch_size=cfg.fitness.batch_size)
