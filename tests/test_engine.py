@@ -16,7 +16,7 @@ from evomerge.io import load_state_dict, tensor_group, write_sharded
 from evomerge.merge import Materializer, write_model
 from evomerge.merge.materialize import group_params, marked_positions
 from evomerge.merge.methods import METHODS, apply, magnitude_keep
-from evomerge.merge.parents import CPU_CHUNK
+from evomerge.merge.parents import ANCHOR_STRIDE, CPU_CHUNK
 from evomerge.recipe import Recipe
 
 PARAMS = {
@@ -152,6 +152,30 @@ def test_a_rank_inside_a_group_of_equal_magnitudes_is_keyed_by_its_position_befo
                 assert (selection.values[i, t], selection.positions[i, t]) == (a[i, j], j), (name, i, t)
                 far += int(ranks[i, t] - (a[i] < a[i, j]).sum()) >= 512
     assert far > 0
+
+
+def test_every_member_of_a_group_is_keyed_by_a_scan_from_the_nearer_anchor(bf16_zoo):
+    """A member past halfway to the group's next anchor is found scanning back from that anchor (the last stretch
+    ends at the tensor's end): every such member, on both sides of halfway and in the last stretch, gets the position
+    a full stable sort puts at its rank."""
+    base, parents = bf16_zoo
+    mat = Materializer(base, parents, dtype="float32", mode="streaming")
+    mat.store.chunk = 1000  # scans a step of 1000 entries at a time, forwards and backwards
+    mat.prepare(METHODS["ties"])
+    name = "model.embed_tokens.weight"
+    sds = [load_state_dict(p) for p in [base, *parents]]
+    a = (sds[1][name].float() - sds[0][name].float()).reshape(-1).abs()
+    values, counts = a[a > 0].unique(return_counts=True)
+    # whole stretches between anchors, and a last one past half a stretch: its end is the tensor's
+    fit = (counts > 3 * ANCHOR_STRIDE) & (counts % ANCHOR_STRIDE > ANCHOR_STRIDE // 2)
+    value, size = values[fit][counts[fit].argmax()], int(counts[fit].max())
+    first = int((a < value).sum())
+    ordinals = torch.cat([torch.arange(0, size, 97), torch.tensor([255, 256, 511, 512, 767, 768, size - 2, size - 1])])
+    selection = mat.index.select(name, a.numel(), (first + ordinals).repeat(2, 1))
+    order = torch.argsort(a, stable=True)
+    for t, ordinal in enumerate(ordinals.tolist()):
+        assert (0, t) not in selection.marked
+        assert (selection.values[0, t], selection.positions[0, t]) == (value, order[first + ordinal]), ordinal
 
 
 @pytest.mark.parametrize("length, marks", [(1000, 0), (1000, 1), (4096, 30), (5003, 400), (77, 77)])

@@ -216,6 +216,9 @@ class Merger:
         self.prepare(method)
         n = len(self.parent_paths)
         params = {g: group_params(method, v, n, self.device) for g, v in recipe.groups.items()}
+        # a magnitude window is counted on the host: its parameters there once per group, not copied back per tensor
+        hosted = params if self.device.type == "cpu" or method.select is None else {
+            g: group_params(method, v, n, torch.device("cpu")) for g, v in recipe.groups.items()}
         owner = recipe_groups(names or self.shapes, recipe.groups)
         options = recipe.options
         whole = method.whole_tensor or (method.random and {**method.options, **options}.get("rescale")
@@ -232,7 +235,8 @@ class Merger:
             selection = None
             if method.select is not None:
                 m = math.prod(shape)
-                lo, hi = method.select(m, p["density"].cpu(), p.get("gamma", p["density"]).cpu())
+                h = hosted[owner[name]]
+                lo, hi = method.select(m, h["density"], h.get("gamma", h["density"]))
                 ranks = lo[:, None] if bool((hi >= m).all()) else torch.stack([lo, hi], 1)  # TIES: up to the top
                 selection = self.index.select(name, m, ranks)
             marked = []

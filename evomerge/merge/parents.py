@@ -1,9 +1,10 @@
 """The parents of a merge at their stored size: resident on the device, or mapped from their files and streamed.
 
 A merge works on one tensor at a time, in chunks of whole rows (`chunk_size` elements: 2^18 on CPU, where eager
-temporaries of 2^20 cost about 1 byte/param of a 100M model at the peak, 2^20 where the kernel is compiled and has
-none; 2^22 on CUDA, where launches cost more than memory), so what it allocates besides the candidate is a few chunks
-× (N + 1), whatever the model's size.  Where the parents live is the only difference between the two modes:
+temporaries of 2^20 cost about 1 byte/param of a 100M model at the peak; 2^22 where the kernel is compiled and has
+none, since each call costs a Python dispatch and wakes the OpenMP threads, and on CUDA, where launches cost more than
+memory), so what it allocates besides the candidate is a few chunks × (N + 1), whatever the model's size.  Where the
+parents live is the only difference between the two modes:
 
 * ``resident`` — each tensor copied once to the device in the dtype its file holds (bf16 stays bf16);
 * ``streaming`` — the safetensors files memory-mapped (file pages: every worker on a node shares the page cache, and
@@ -41,11 +42,11 @@ from ..io import ModelFilesError, ModelInfo, load_bin, weight_files
 from ..vocab import VocabPlan, align_rows
 from .methods import sort_row_ranks
 
-CPU_CHUNK, COMPILED_CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 20, 1 << 22
+CPU_CHUNK, COMPILED_CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 22, 1 << 22
 SAMPLE_FRACTION = 512  # the magnitude index: one entry per 512 entries of a parent,
 INDEX_ENTRY_BYTES = 24  # an fp32 bound, two int32 counts, where its anchors start, at most two anchors (0.047 b/p)
 ANCHOR_STRIDE = 512  # members of a group of equal magnitudes between two of the index's anchors into it
-INDEX_CHUNK = 1 << 18  # entries per step while the index counts: its slots and gathers stay a few MB
+BUILD_CHUNK = 1 << 18  # entries per step while an index is built (a rank table too, on CPU): temporaries of a few MB
 SCAN_CHUNK = 1 << 17  # entries per step of a scan between two anchors, which stops at the member it looks for
 RANK_ENTRY_BYTES = 2  # DELLA's row ranks: two uint8 planes (rows up to 2**16 entries; wider rows are not planned for)
 _ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -233,8 +234,9 @@ class Selection:
 
 
 def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor | float) -> Tensor:
-    """The entries whose |parent − base| equals `value`: a group of ties."""
-    return (parent.float() - base.float()).abs() == value
+    """The entries whose |parent − base| equals `value`: a group of ties (the difference formed in place: two passes
+    over a scan's entries fewer)."""
+    return parent.float().sub_(base).abs_() == value
 
 
 class MagnitudeIndex:
@@ -274,7 +276,7 @@ class MagnitudeIndex:
         groups = torch.empty((n, room), dtype=torch.int64, device=device)
         places = torch.empty((n, room), dtype=torch.int64, device=device)
         found = [0] * n
-        for start, _, base, parents in self.store.chunks(name, row_chunks(shape, min(self.store.chunk, INDEX_CHUNK))):
+        for start, _, base, parents in self.store.chunks(name, row_chunks(shape, min(self.store.chunk, BUILD_CHUNK))):
             for i, p in enumerate(parents):
                 a = (p.float() - base.float()).abs_()
                 # entry j counts below bound k (resp. at or below) for every k past its slot: the bounds <= a (>= 1,
@@ -321,8 +323,8 @@ class MagnitudeIndex:
         """The keys of ascending ranks [N, T] (0 = smallest |delta|): entry j of parent i has rank ≥ ranks[i, t]
         exactly when (|d_j|, j) ≥ (value, position) lexicographically, the order of a stable ascending argsort.
         Ranks ≤ 0 give (−1, 0) (every entry), ranks ≥ M give (inf, 0) (none)."""
-        bounds, below, upto = self.bounds[name], self.below[name].long(), self.upto[name].long()
-        ranks = ranks.to(bounds.device)
+        bounds, below, upto = self.bounds[name], self.below[name], self.upto[name]
+        ranks = ranks.to(bounds.device, below.dtype)  # the counts' own dtype: converting them costs more than the rest
         k = (torch.searchsorted(below, ranks, right=True) - 1).clamp(0, below.shape[1] - 2)
         lo, hi = bounds.gather(1, k), bounds.gather(1, k + 1)
         first, group, last = below.gather(1, k), upto.gather(1, k), below.gather(1, k + 1)
@@ -333,34 +335,39 @@ class MagnitudeIndex:
         values = torch.where(ranks >= m, math.inf, torch.where(inside, lo, -1.0))
         positions = torch.where(inside & ~zero, m, 0)  # marked: everything above lo kept until the key is resolved
         slot = torch.searchsorted(bounds, lo)  # the first bound of the group's value: where its anchors are
-        host = torch.stack([ranks - first, ranks - group, last - group, tie.long(), mark.long(), slot]).cpu()
+        host = torch.stack([ranks - first, ranks - group, last - group, tie, mark, slot, group - first]).cpu()
+        ordinals, in_bracket, brackets, _, _, slots, sizes = host.tolist()  # Python ints: no tensor indexing per key
         for i, t in host[3].nonzero().tolist():
-            positions[i, t] = self._member(name, i, int(host[5, i, t]), int(host[0, i, t]), values[i, t], m)
-        marked = {(i, t): (int(host[1, i, t]), int(host[2, i, t])) for i, t in host[4].nonzero().tolist()}
+            positions[i, t] = self._member(name, i, slots[i][t], ordinals[i][t], sizes[i][t], values[i, t], m)
+        marked = {(i, t): (in_bracket[i][t], brackets[i][t]) for i, t in host[4].nonzero().tolist()}
         cuts = sorted({q for q in positions.flatten().tolist() if 0 < q < m})
         return Selection(values, positions, torch.where(mark, lo, math.inf), torch.where(mark, hi, -math.inf),
                          marked, cuts)
 
-    def _member(self, name: str, i: int, slot: int, ordinal: int, value: Tensor, m: int) -> int:
-        """The position of member `ordinal` (in position order) of parent i's group of entries equal to `value`: from
-        the anchor before it, a scan of the entries up to the next anchor, in steps of SCAN_CHUNK entries at most: a
-        step stops the scan once it holds the member (on average halfway), and small steps' temporaries reuse the
-        heap (a whole compiled chunk per step made a TIES candidate 25% slower)."""
+    def _member(self, name: str, i: int, slot: int, ordinal: int, size: int, value: Tensor, m: int) -> int:
+        """The position of member `ordinal` (in position order) of parent i's group of `size` entries equal to
+        `value`: a scan of the entries between the anchors around it, from the one nearer in members (on average a
+        quarter of the way), in steps of SCAN_CHUNK entries at most: a step stops the scan once it holds the member,
+        and small steps' temporaries reuse the heap (a whole compiled chunk per step made a TIES candidate 25%
+        slower)."""
         anchors = self.anchors[name][i]
         first = int(self.anchor_start[name][i, slot])
         count = int(self.anchor_start[name][i, slot + 1]) - first
-        q = int(anchors[first + ordinal // ANCHOR_STRIDE])
-        end = int(anchors[first + ordinal // ANCHOR_STRIDE + 1]) if ordinal // ANCHOR_STRIDE + 1 < count else m
-        skip = ordinal % ANCHOR_STRIDE
+        k, skip = divmod(ordinal, ANCHOR_STRIDE)
+        start = int(anchors[first + k])
+        end = int(anchors[first + k + 1]) if k + 1 < count else m
+        members = min(ANCHOR_STRIDE, size - k * ANCHOR_STRIDE)  # in [start, end): anchor k's and those up to the next
+        forward = 2 * skip < members
+        need = skip if forward else members - 1 - skip  # members to pass over from where the scan starts
         base, parent = self.store.models[0][name], self.store.models[i + 1][name]
         step, value = min(self.store.chunk, SCAN_CHUNK), value.to(parent.device)
-        while q < end:
-            r = min(q + step, end)
+        while start < end:
+            q, r = (start, min(start + step, end)) if forward else (max(end - step, start), end)
             hits = torch.nonzero(equal_magnitude(parent[q:r], base[q:r], value)).squeeze(1)
-            if skip < hits.numel():
-                return q + int(hits[skip])
-            skip -= hits.numel()
-            q = r
+            if need < hits.numel():
+                return q + int(hits[need if forward else hits.numel() - 1 - need])
+            need -= hits.numel()
+            start, end = (r, end) if forward else (start, q)
         raise RuntimeError(f"magnitude index out of date: member {ordinal} of a group of {name} not found")
 
     def resolve(self, selection: Selection, positions: Tensor, magnitudes: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -385,10 +392,11 @@ class RowRanks:
 
     def __init__(self, store: ParentStore, shapes: dict[str, tuple[int, ...]]):
         self.table: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        step = store.chunk if store.device.type == "cuda" else min(store.chunk, BUILD_CHUNK)
         for name, shape in shapes.items():
             m = math.prod(shape)
             planes: list[tuple[Tensor, Tensor]] = []
-            for s, e, base, parents in store.chunks(name, row_chunks(shape, store.chunk)):
+            for s, e, base, parents in store.chunks(name, row_chunks(shape, step)):
                 chunk = sort_row_ranks([p.float() - base.float() for p in parents], row_length(shape))
                 if not planes:
                     planes = [tuple(torch.empty(m, dtype=x.dtype, device=store.device) for x in c) for c in chunk]
