@@ -178,6 +178,26 @@ def test_every_member_of_a_group_is_keyed_by_a_scan_from_the_nearer_anchor(bf16_
         assert (selection.values[0, t], selection.positions[0, t]) == (value, order[first + ordinal]), ordinal
 
 
+@pytest.mark.parametrize("mode", ["resident", "streaming"])
+def test_a_merge_never_writes_to_its_parents(mode, bf16_zoo, tmp_path):
+    """fp32 parents full of ties (the bf16 zoo's values, stored in fp32): `.float()` of a parent is the parent itself,
+    so any in-place step on it would change the parents — and the next candidate, which must be the same."""
+    paths = []
+    for src in [bf16_zoo[0], *bf16_zoo[1]]:
+        sd = {k: v.float() for k, v in load_state_dict(src).items()}
+        d = tmp_path / os.path.basename(src)
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors*"))
+        write_sharded(d, ((k, tuple(v.shape), torch.float32) for k, v in sd.items()), sd.__getitem__)
+        paths.append(str(d))
+    mat = Materializer(paths[0], paths[1:], mode=mode)
+    before = [{k: v.clone() for k, v in m.items()} for m in mat.store.models]
+    recipe = recipe_for("ties", paths[0], paths[1:], mat.groups, "float32")
+    first = {k: v.clone() for k, v in mat.materialize(recipe).state_dict().items()}
+    assert all(torch.equal(v, before[i][k]) for i, m in enumerate(mat.store.models) for k, v in m.items())
+    again = mat.materialize(recipe).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in first.items())
+
+
 @pytest.mark.parametrize("length, marks", [(1000, 0), (1000, 1), (4096, 30), (5003, 400), (77, 77)])
 def test_a_chunks_marks_are_found_in_position_order(length, marks):
     """Marks are counts (0, 1, 2, ...) in a float mask; the blocks' search gives what nonzero gives, tail included."""

@@ -234,9 +234,10 @@ class Selection:
 
 
 def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor | float) -> Tensor:
-    """The entries whose |parent − base| equals `value`: a group of ties (the difference formed in place: two passes
-    over a scan's entries fewer)."""
-    return parent.float().sub_(base).abs_() == value
+    """The entries whose |parent − base| equals `value`: a group of ties (the base promoted inside the subtraction,
+    the magnitude taken in place on the new difference: two passes over a scan's entries fewer; never in place on
+    `parent.float()`, which is the parent itself when it is stored in fp32)."""
+    return (parent.float() - base).abs_() == value
 
 
 class MagnitudeIndex:
