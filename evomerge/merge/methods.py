@@ -259,12 +259,13 @@ _ARG = {"lambda": "lambda_"}  # an option whose name is a Python keyword
 class MergeMethod(MethodSpec):
     """A registered method: its `MethodSpec` and the function that merges one tensor.  ``select``: the magnitude
     window behind ``keep``; it consumes ``density`` and ``gamma``.  ``constants``: per-parent values the kernel
-    takes (``constant_names``) in place of the parameters they are computed from (its arguments), once per merge
+    takes (``constant_names``) in place of the parameters they are computed from (``constant_args``), once per merge
     group (``kernel_constants``).  ``kernel_params``: the per-parent parameters the kernel takes itself."""
 
     fn: Callable[..., Tensor]
     select: Select | None = None
     constants: Callable[..., dict[str, Tensor]] | None = None
+    constant_args: tuple[str, ...] = ()
     constant_names: tuple[str, ...] = ()
     kernel_params: tuple[str, ...] = ()
 
@@ -272,7 +273,7 @@ class MergeMethod(MethodSpec):
         """The per-parent constants of one merge group, from its parameters (none for most methods)."""
         if self.constants is None:
             return {}
-        return self.constants(**{p: params[p] for p in inspect.signature(self.constants).parameters})
+        return self.constants(**{p: params[p] for p in self.constant_args})
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -292,8 +293,9 @@ def merge_method(name: str, select: Select | None = None, constants: Callable[..
         positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
         keywords = {p.name for p in params if p.kind == p.KEYWORD_ONLY}
         options = {_ARG.get(k, k): v for k, v in spec.options.items()}
-        consumed = {*(SELECTED if select else ()), *(inspect.signature(constants).parameters if constants else ())}
-        method = MergeMethod(**spec.spec_fields(), fn=fn, select=select, constants=constants,
+        args = tuple(inspect.signature(constants).parameters) if constants else ()  # read once, not per merge group
+        consumed = {*(SELECTED if select else ()), *args}
+        method = MergeMethod(**spec.spec_fields(), fn=fn, select=select, constants=constants, constant_args=args,
                              kernel_params=tuple(p for p in spec.tensor_params if p not in consumed))
         made = tuple(method.kernel_constants({p: torch.ones(1) for p in spec.tensor_params}))
         want = ["base", "deltas"] if spec.uses_base else ["params"]
