@@ -131,7 +131,7 @@ def test_magnitude_selection_is_a_full_sorts_top_k_with_its_tie_order(method, ch
 
 
 def test_a_rank_inside_a_group_of_equal_magnitudes_is_keyed_by_its_position_before_the_merge(bf16_zoo):
-    """The index's anchors into each group (every 512th member) give such a key exactly, with no merge pass: the
+    """The index's anchors into each group (every ANCHOR_STRIDE-th member) give such a key exactly, with no merge pass: the
     position a full stable sort puts at that rank, also for members far past the group's first anchor."""
     base, parents = bf16_zoo
     mat = Materializer(base, parents, dtype="float32", mode="streaming")
@@ -170,7 +170,9 @@ def test_every_member_of_a_group_is_keyed_by_a_scan_from_the_nearer_anchor(bf16_
     fit = (counts > 3 * ANCHOR_STRIDE) & (counts % ANCHOR_STRIDE > ANCHOR_STRIDE // 2)
     value, size = values[fit][counts[fit].argmax()], int(counts[fit].max())
     first = int((a < value).sum())
-    ordinals = torch.cat([torch.arange(0, size, 97), torch.tensor([255, 256, 511, 512, 767, 768, size - 2, size - 1])])
+    step, half = ANCHOR_STRIDE, ANCHOR_STRIDE // 2  # members around halfway, at the anchors and in the last stretch
+    ordinals = torch.cat([torch.arange(0, size, 97), torch.tensor([half - 1, half, step - 1, step, step + half - 1,
+                                                                   step + half, size - 2, size - 1])])
     selection = mat.index.select(name, a.numel(), (first + ordinals).repeat(2, 1))
     order = torch.argsort(a, stable=True)
     for t, ordinal in enumerate(ordinals.tolist()):

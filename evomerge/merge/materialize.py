@@ -99,14 +99,14 @@ def group_params(method: MergeMethod, values: dict[str, list[float]], n: int,
 
 
 def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[Tensor], params: dict[str, Tensor],
-          keys: tuple[Tensor, Tensor | None] | None, seeds: Tensor | None, start: int | Tensor,
+          keys: tuple[Tensor, Tensor, Tensor] | None, seeds: Tensor | None, start: int | Tensor,
           shape: tuple[int, ...], options: dict[str, Any], marks: tuple[Tensor, Tensor, Tensor] | None = None,
           index: Tensor | None = None, ranks: tuple[list[tuple[Tensor, Tensor]] | None, Tensor] | None = None) -> None:
     """One chunk of one tensor: task vectors formed in fp32 from the stored dtype, the method applied, `out` written.
 
     Random bits are not stored (they come from the chunk's position, ``start``), and the compiled form is one fused
-    pass.  `keys`: thresholds (values, None) or exact
-    keys (values, positions) of the entries at `index` (see ``keep_from_keys``).  With `marks` (lo, hi [N, T], a
+    pass.  `keys`: the magnitude keys (values, the floats above them, positions; see ``keep_from_keys``) of the
+    entries at `index` (default: the chunk's, from ``start``).  With `marks` (lo, hi [N, T], a
     preallocated float32 mask: a float store vectorizes where a bool one does not) it also marks the entries whose
     |delta| lies strictly inside one of those brackets (see ``parents.Selection``).  `ranks` (DELLA): the chunk's row
     ranks from the worker's table (None: sorted here) and a row's largest rank as a 0-d fp32 tensor."""
@@ -116,7 +116,8 @@ def _into(out: Tensor, method: MergeMethod, base: Tensor | None, parents: list[T
     aux: dict[str, list[Tensor] | Tensor] = {}
     if keys is not None:
         magnitudes = [x.abs() for x in xs]
-        aux["keep"] = keep_from_keys(magnitudes, keys[0], keys[1], index)
+        at = index if index is not None else torch.arange(length, dtype=torch.int32, device=xs[0].device) + start
+        aux["keep"] = keep_from_keys(magnitudes, *keys, at)
         if marks is not None:
             lo, hi, mask = marks
             mask.copy_(sum(((a > lo[i, t]) & (a < hi[i, t])).to(mask.dtype) for i, a in enumerate(magnitudes)
@@ -241,17 +242,14 @@ class Merger:
                 selection = self.index.select(name, m, ranks)
             marked = []
 
+            keys = (selection.values, selection.above, selection.positions) if selection else None
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
                 mask = self._mask_buffer(e - s) if selection and selection.marked else None
-                # one stretch per run of entries that no key's position falls inside: a threshold per key
-                for q, r in selection.stretches(s, e) if selection else [(s, e)]:
-                    cut = slice(q - s, r - s)
-                    keys = (selection.thresholds(q), None) if selection else None
-                    marks = (selection.lo, selection.hi, mask[cut]) if mask is not None else None
-                    rows = None if top is None else (
-                        [(hi[q:r], lo[q:r]) for hi, lo in table] if table is not None else None, top)
-                    self._run(method, (out[q:r], method, b[cut] if b is not None else None, [x[cut] for x in ps],
-                                       p, keys, seeds, torch.tensor(q), shape, options, marks, None, rows))
+                marks = (selection.lo, selection.hi, mask) if mask is not None else None
+                rows = None if top is None else (
+                    [(hi[s:e], lo[s:e]) for hi, lo in table] if table is not None else None, top)
+                self._run(method, (out[s:e], method, b, ps, p, keys, seeds, torch.tensor(s), shape, options, marks,
+                                   None, rows))
                 if mask is not None:
                     marked.append(marked_positions(mask) + s)
             if marked:
@@ -264,7 +262,8 @@ class Merger:
         """Merge again, with the exact keys, the few entries the pass marked inside a bracket (see parents.py)."""
         base, parents = self.store.gather(name, positions)
         magnitudes = [(q.float() - base.float()).abs() for q in parents]
-        keys = self.index.resolve(selection, positions, magnitudes)
+        values, where = self.index.resolve(selection, positions, magnitudes)
+        keys = (values, torch.nextafter(values, values.new_tensor(math.inf)), where)
         merged = torch.empty(positions.numel(), dtype=out.dtype, device=out.device)
         _into(merged, method, base, parents, params, keys, None, 0, shape, options, index=positions)
         out[positions] = merged

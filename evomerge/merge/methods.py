@@ -153,19 +153,14 @@ def magnitude_keep(deltas: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return (ranks >= lo[:, None]) & (ranks < hi[:, None])
 
 
-def keep_from_keys(magnitudes: Parents, values: Tensor, positions: Tensor | None = None,
-                   index: Tensor | None = None) -> list[Tensor]:
+def keep_from_keys(magnitudes: Parents, values: Tensor, above: Tensor, positions: Tensor, index: Tensor
+                   ) -> list[Tensor]:
     """``magnitude_keep`` from the keys (value, position) [N, T] of ranks lo and, when T = 2, hi (T = 1: up to the
-    top): rank >= r exactly when (|d|, index) >= key(r) lexicographically, the order of a stable ascending sort.
-
-    Without `positions`, `values` are thresholds (rank >= r exactly when |d| >= value): a stretch of entries that
-    lies wholly on one side of each key's position needs no index, and the merge runs such stretches only (see
-    ``parents.Selection.thresholds``): one compare per entry where the lexicographic test takes four."""
+    top), for the entries at `index`: rank >= r exactly when (|d|, index) >= key(r) lexicographically, the order of a
+    stable ascending sort — that is, |d| >= value at or past the key's position and |d| > value (>= `above`, the next
+    float up) before it.  A select and one compare per entry, where the lexicographic test takes four."""
     def at_least(a: Tensor, i: int, t: int) -> Tensor:
-        if positions is None:
-            return a >= values[i, t]
-        v, p = values[i, t], positions[i, t]
-        return (a > v) | ((a == v) & (index >= p))
+        return a >= torch.where(index >= positions[i, t], values[i, t], above[i, t])
     if values.shape[1] == 1:
         return [at_least(a, i, 0) for i, a in enumerate(magnitudes)]
     return [at_least(a, i, 0) & ~at_least(a, i, 1) for i, a in enumerate(magnitudes)]

@@ -14,7 +14,7 @@ parents live is the only difference between the two modes:
 Magnitude selections (TIES, breadcrumbs) need the value of the k-th largest |parent − base| of a tensor for a density
 only known per candidate.  `MagnitudeIndex`, built once per worker, keeps per tensor and parent a sorted sample of
 |delta| (1/512 of its entries) with the exact count of entries below and at each sample value, and, for each group of
-equal magnitudes (bf16 task vectors are full of them), the position of every 512th member: 0.04 byte/param.  A rank's
+equal magnitudes (bf16 task vectors are full of them), the position of every 256th member: 0.055 byte/param.  A rank's
 value then lies in a known bracket of about 512 entries.  A rank inside a group gets its exact key before the merge
 from a scan between two anchors; for any other rank the candidate's one merge pass marks the bracket's entries and
 finds the key among them (`Selection`) — with mergekit's top-k count and its tie order (equal magnitudes kept from
@@ -27,7 +27,6 @@ ranks, two uint8 planes: 2 bytes/param per parent, the one per-element table, wh
 """
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import mmap
@@ -44,8 +43,8 @@ from .methods import sort_row_ranks
 
 CPU_CHUNK, COMPILED_CPU_CHUNK, CUDA_CHUNK = 1 << 18, 1 << 22, 1 << 22
 SAMPLE_FRACTION = 512  # the magnitude index: one entry per 512 entries of a parent,
-INDEX_ENTRY_BYTES = 24  # an fp32 bound, two int32 counts, where its anchors start, at most two anchors (0.047 b/p)
-ANCHOR_STRIDE = 512  # members of a group of equal magnitudes between two of the index's anchors into it
+INDEX_ENTRY_BYTES = 28  # an fp32 bound, two int32 counts, where its anchors start, at most three anchors (0.055 b/p)
+ANCHOR_STRIDE = 256  # members of a group of equal magnitudes between two of the index's anchors into it
 BUILD_CHUNK = 1 << 18  # entries per step while an index is built (a rank table too, on CPU): temporaries of a few MB
 SCAN_CHUNK = 1 << 17  # entries per step of a scan between two anchors, which stops at the member it looks for
 RANK_ENTRY_BYTES = 2  # DELLA's row ranks: two uint8 planes (rows up to 2**16 entries; wider rows are not planned for)
@@ -203,34 +202,22 @@ class _Stager:
 @dataclass
 class Selection:
     """The magnitude keys of one tensor for one candidate: entry j of parent i is kept from rank t up exactly when
-    (|d_j|, j) >= (values[i, t], positions[i, t]) lexicographically.
+    (|d_j|, j) >= (values[i, t], positions[i, t]) lexicographically (see ``methods.keep_from_keys``).
 
     Every key is exact before the merge pass but those ``marked`` (rank among and count of the entries strictly
     inside their bracket): the kernel keeps, provisionally, everything above the bracket's lower bound and marks the
     entries inside it (`lo`, `hi`: open bounds, empty where none); ``MagnitudeIndex.resolve`` finds the key among
-    them, and they are merged again.  `cuts`: the keys' positions, ascending — the merge runs stretches that no key
-    position falls inside, where the keep test is one compare against a threshold (`thresholds`)."""
+    them, and they are merged again."""
 
     values: Tensor
     positions: Tensor
     lo: Tensor
     hi: Tensor
     marked: dict[tuple[int, int], tuple[int, int]]
-    cuts: list[int]
-    above: Tensor = field(init=False, repr=False)  # the next float above each value: the thresholds before a position
+    above: Tensor = field(init=False, repr=False)  # the next float above each value: the keys before a position
 
     def __post_init__(self) -> None:
         self.above = torch.nextafter(self.values, self.values.new_tensor(math.inf))
-
-    def thresholds(self, start: int) -> Tensor:
-        """The keys as thresholds for a stretch starting at `start` that no key's position falls inside: an entry at or
-        past a key's position is kept from its value up (|d| >= value), one before it only above (|d| > value)."""
-        return torch.where(self.positions <= start, self.values, self.above)
-
-    def stretches(self, start: int, end: int) -> list[tuple[int, int]]:
-        """[start, end) cut at the keys' positions inside it."""
-        inside = self.cuts[bisect.bisect_right(self.cuts, start):bisect.bisect_left(self.cuts, end)]
-        return list(zip([start, *inside], [*inside, end]))
 
 
 def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor | float) -> Tensor:
@@ -341,9 +328,8 @@ class MagnitudeIndex:
         for i, t in host[3].nonzero().tolist():
             positions[i, t] = self._member(name, i, slots[i][t], ordinals[i][t], sizes[i][t], values[i, t], m)
         marked = {(i, t): (in_bracket[i][t], brackets[i][t]) for i, t in host[4].nonzero().tolist()}
-        cuts = sorted({q for q in positions.flatten().tolist() if 0 < q < m})
-        return Selection(values, positions, torch.where(mark, lo, math.inf), torch.where(mark, hi, -math.inf),
-                         marked, cuts)
+        return Selection(values, positions.to(below.dtype), torch.where(mark, lo, math.inf),
+                         torch.where(mark, hi, -math.inf), marked)
 
     def _member(self, name: str, i: int, slot: int, ordinal: int, size: int, value: Tensor, m: int) -> int:
         """The position of member `ordinal` (in position order) of parent i's group of `size` entries equal to

@@ -2,7 +2,7 @@
 
 Bytes a worker needs, by the measured model of the merge engine (``bench/merge_throughput.py``):
 
-* resident — the device holds base + parents at their stored size, the candidate, the magnitude index (at most 0.047
+* resident — the device holds base + parents at their stored size, the candidate, the magnitude index (at most 0.055
   byte per parameter and parent, selecting methods only), the merge's chunk workspace and a forward pass;
 * streaming — the device holds the candidate, the workspace and a forward pass; the parents stay in their files,
   mapped (the host's page cache; shared by every worker on the node).
