@@ -242,7 +242,7 @@ class Merger:
                 selection = self.index.select(name, m, ranks)
             marked = []
 
-            keys = (selection.values, selection.above, selection.positions) if selection else None
+            keys = selection.keys if selection else None
             for s, e, b, ps in self.store.chunks(name, row_chunks(shape, self.store.chunk, whole)):
                 mask = self._mask_buffer(e - s) if selection and selection.marked else None
                 marks = (selection.lo, selection.hi, mask) if mask is not None else None
@@ -262,8 +262,7 @@ class Merger:
         """Merge again, with the exact keys, the few entries the pass marked inside a bracket (see parents.py)."""
         base, parents = self.store.gather(name, positions)
         magnitudes = [(q.float() - base.float()).abs() for q in parents]
-        values, where = self.index.resolve(selection, positions, magnitudes)
-        keys = (values, torch.nextafter(values, values.new_tensor(math.inf)), where)
+        keys = self.index.resolve(selection, positions, magnitudes)
         merged = torch.empty(positions.numel(), dtype=out.dtype, device=out.device)
         _into(merged, method, base, parents, params, keys, None, 0, shape, options, index=positions)
         out[positions] = merged

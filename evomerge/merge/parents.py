@@ -214,10 +214,16 @@ class Selection:
     lo: Tensor
     hi: Tensor
     marked: dict[tuple[int, int], tuple[int, int]]
-    above: Tensor = field(init=False, repr=False)  # the next float above each value: the keys before a position
+    keys: tuple[Tensor, Tensor, Tensor] = field(init=False, repr=False)  # as the kernel takes them (`kernel_keys`)
 
     def __post_init__(self) -> None:
-        self.above = torch.nextafter(self.values, self.values.new_tensor(math.inf))
+        self.keys = kernel_keys(self.values, self.positions)
+
+
+def kernel_keys(values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys as ``methods.keep_from_keys`` takes them: values, the next float above each (the keep test before a key's
+    position), positions."""
+    return values, torch.nextafter(values, values.new_tensor(math.inf)), positions
 
 
 def equal_magnitude(parent: Tensor, base: Tensor, value: Tensor | float) -> Tensor:
@@ -357,8 +363,10 @@ class MagnitudeIndex:
             start, end = (r, end) if forward else (start, q)
         raise RuntimeError(f"magnitude index out of date: member {ordinal} of a group of {name} not found")
 
-    def resolve(self, selection: Selection, positions: Tensor, magnitudes: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """The exact keys, from the entries merged again: their `positions` (ascending) and |delta| per parent."""
+    def resolve(self, selection: Selection, positions: Tensor, magnitudes: list[Tensor]
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """The exact keys (`kernel_keys`), from the entries merged again: their `positions` (ascending) and |delta|
+        per parent."""
         values, where = selection.values.clone(), selection.positions.clone()
         for (i, t), (rank, count) in selection.marked.items():
             a = magnitudes[i]
@@ -369,7 +377,7 @@ class MagnitudeIndex:
                                    f"{vals.numel()} found")
             j = torch.sort(vals, stable=True).indices[rank]  # positions ascend: equal values keep position order
             values[i, t], where[i, t] = vals[j], pos[j]
-        return values, where
+        return kernel_keys(values, where)
 
 
 class RowRanks:
